@@ -1,0 +1,206 @@
+"""Where each parameter's masked entries live in a param group's flat buffers.
+
+A masked optimizer keeps all per-entry state of one param group in flat 1-D buffers of length
+K = sum of the group's k_i. Parameter i owns the slice ``[starts[i], starts[i] + k_i)``; inside it
+the entries follow the parameter's sorted flat (row-major) indices. Parameters with k_i = 0 own an
+empty slice and are never touched.
+
+This module validates the user's ``mask_indices`` and builds that layout once, at construction.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+SUPPORTED_PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+_INT32_LIMIT = 2**31
+
+
+def index_dtype_for(numel: int) -> torch.dtype:
+    """int32 indices where they fit (half the memory), int64 for tensors of 2**31 entries or more."""
+    return torch.int32 if numel < _INT32_LIMIT else torch.int64
+
+
+def check_mask_indices(param: Tensor, indices, where: str) -> Tensor:
+    """Validate one parameter's flat indices and return them sorted, on the parameter's device.
+
+    Unsorted indices are sorted (the optimizer state follows the sorted order); duplicated,
+    negative or out-of-range indices are refused, so no entry can ever be updated twice.
+    """
+    if not isinstance(indices, Tensor):
+        raise TypeError(f"{where}: mask indices must be a 1-D integer tensor, got {type(indices).__name__}")
+    if indices.is_sparse or indices.layout != torch.strided:
+        raise TypeError(f"{where}: mask indices must be a dense tensor, got layout {indices.layout}")
+    if indices.dtype == torch.bool or indices.is_floating_point() or indices.is_complex():
+        raise TypeError(
+            f"{where}: mask indices must have an integer dtype, got {indices.dtype}"
+            + (" (a boolean mask? pass mask.flatten().nonzero().squeeze(1))" if indices.dtype == torch.bool else "")
+        )
+    if indices.dim() != 1:
+        raise ValueError(f"{where}: mask indices must be 1-D flat indices, got shape {tuple(indices.shape)}")
+    if indices.device != param.device:
+        raise ValueError(
+            f"{where}: mask indices are on {indices.device} but the parameter is on {param.device}; "
+            "move them with .to(param.device)"
+        )
+    numel = param.numel()
+    out_dtype = index_dtype_for(numel)
+    if indices.numel() == 0:
+        return torch.empty(0, dtype=out_dtype, device=param.device)
+    idx = indices.to(torch.int64)
+    lo, hi = int(idx.min()), int(idx.max())
+    if lo < 0 or hi >= numel:
+        bad = lo if lo < 0 else hi
+        raise IndexError(
+            f"{where}: mask index {bad} is out of range for a parameter of {numel} entries "
+            f"(shape {tuple(param.shape)}); flat indices must lie in [0, {numel})"
+        )
+    if idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):
+        idx = torch.sort(idx).values
+        dup = idx[1:] == idx[:-1]
+        if bool(dup.any()):
+            first = int(idx[1:][dup][0])
+            raise ValueError(f"{where}: mask index {first} appears more than once; each entry may be selected once")
+    return idx.to(out_dtype)
+
+
+def mask_digest(indices: Tensor, numel: int) -> str:
+    """A short, stable fingerprint of one parameter's mask (sorted indices + parameter size)."""
+    h = hashlib.sha256()
+    h.update(b"fishkern-mask-v1")
+    h.update(int(numel).to_bytes(8, "little"))
+    h.update(indices.detach().to("cpu", torch.int64).contiguous().numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+def _is_dense_layout(shape, strides) -> bool:
+    """True if the strides cover a contiguous memory block exactly once (any dim order)."""
+    dims = sorted((st, sz) for sz, st in zip(shape, strides) if sz != 1)
+    expected = 1
+    for st, sz in dims:
+        if st != expected:
+            return False
+        expected *= sz
+    return True
+
+
+def memory_offsets(indices: Tensor, param: Tensor) -> Tensor:
+    """Translate row-major flat indices into element offsets in the parameter's memory block.
+
+    Identical for contiguous parameters; differs for e.g. channels_last convolution weights.
+    """
+    if param.is_contiguous():
+        return indices
+    if not _is_dense_layout(param.shape, param.stride()):
+        raise ValueError(
+            f"parameter of shape {tuple(param.shape)} with strides {param.stride()} does not cover its "
+            "memory densely (an expanded or sliced view?); masked optimizers need dense parameters"
+        )
+    rem = indices.to(torch.int64)
+    off = torch.zeros_like(rem)
+    for size, stride in zip(reversed(param.shape), reversed(param.stride())):
+        off += (rem % size) * stride
+        rem = rem // size
+    return off.to(indices.dtype)
+
+
+def flat_memory_view(t: Tensor) -> Tensor:
+    """A 1-D view over a dense tensor's memory block, in memory order."""
+    if t.is_contiguous():
+        return t.view(-1)
+    return t.as_strided((t.numel(),), (1,), t.storage_offset())
+
+
+@dataclass
+class GroupLayout:
+    """The flat layout of one param group's masked entries (built once, immutable)."""
+
+    params: list[Tensor]
+    indices: list[Tensor]  # sorted row-major flat indices per parameter (views into flat_indices)
+    mem_indices: list[Tensor]  # memory offsets per parameter (views into flat_mem_indices)
+    starts: list[int]  # slice start of parameter i in the flat buffers; starts[-1] == K
+    digests: list[str]
+    device: torch.device
+    state_dtype: torch.dtype
+    flat_indices: Tensor = field(repr=False)
+    flat_mem_indices: Tensor = field(repr=False)
+    contiguous: list[bool] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return self.starts[-1]
+
+    def k(self, i: int) -> int:
+        return self.starts[i + 1] - self.starts[i]
+
+    def slice(self, i: int) -> slice:
+        return slice(self.starts[i], self.starts[i + 1])
+
+
+def build_group_layout(params: list[Tensor], masks: list[Tensor], group_no: int) -> GroupLayout:
+    """Validate a group's parameters and masks and lay their entries out in flat buffers."""
+    if len(params) != len(masks):
+        raise ValueError(
+            f"param group {group_no}: {len(params)} parameters but {len(masks)} mask index tensors; "
+            "mask_indices must hold exactly one tensor per parameter, in the same order"
+        )
+    if not params:
+        raise ValueError(f"param group {group_no} has no parameters")
+    device = params[0].device
+    dtypes = set()
+    checked = []
+    for j, (p, m) in enumerate(zip(params, masks)):
+        where = f"param group {group_no}, parameter {j} (shape {tuple(p.shape)})"
+        if not isinstance(p, Tensor):
+            raise TypeError(f"{where}: expected a tensor, got {type(p).__name__}")
+        if p.device != device:
+            raise ValueError(
+                f"{where} is on {p.device} but the group's first parameter is on {device}; "
+                "put parameters of different devices in different param groups"
+            )
+        if p.dtype not in SUPPORTED_PARAM_DTYPES:
+            raise TypeError(
+                f"{where}: dtype {p.dtype} is not supported; use float32, bfloat16, float16 or float64"
+            )
+        if p.is_sparse:
+            raise TypeError(f"{where}: sparse parameters are not supported")
+        dtypes.add(p.dtype)
+        checked.append(check_mask_indices(p, m, where))
+    if torch.float64 in dtypes and len(dtypes) > 1:
+        raise TypeError(
+            f"param group {group_no} mixes float64 with {sorted(str(d) for d in dtypes - {torch.float64})} "
+            "parameters; float64 parameters keep float64 state, so put them in their own group"
+        )
+    state_dtype = torch.float64 if torch.float64 in dtypes else torch.float32
+
+    starts = [0]
+    for idx in checked:
+        starts.append(starts[-1] + idx.numel())
+    max_numel = max(p.numel() for p in params)
+    flat_dtype = index_dtype_for(max_numel)
+    flat_indices = torch.empty(starts[-1], dtype=flat_dtype, device=device)
+    flat_mem = torch.empty_like(flat_indices)
+    contiguous = []
+    for i, (p, idx) in enumerate(zip(params, checked)):
+        s, e = starts[i], starts[i + 1]
+        flat_indices[s:e] = idx.to(flat_dtype)
+        flat_mem[s:e] = memory_offsets(idx, p).to(flat_dtype) if e > s else idx.to(flat_dtype)
+        contiguous.append(p.is_contiguous())
+    indices = [flat_indices[starts[i] : starts[i + 1]] for i in range(len(params))]
+    mem_indices = [flat_mem[starts[i] : starts[i + 1]] for i in range(len(params))]
+    digests = [mask_digest(idx, p.numel()) for p, idx in zip(params, indices)]
+    return GroupLayout(
+        params=list(params),
+        indices=indices,
+        mem_indices=mem_indices,
+        starts=starts,
+        digests=digests,
+        device=device,
+        state_dtype=state_dtype,
+        flat_indices=flat_indices,
+        flat_mem_indices=flat_mem,
+        contiguous=contiguous,
+    )

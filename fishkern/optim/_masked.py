@@ -1,0 +1,485 @@
+"""Machinery shared by the masked optimizers: masks per param group, flat per-entry state,
+gradient gathering (at step time or in post-accumulate-grad hooks), runs of tensors updated in one
+vectorised op or one kernel launch, and a state_dict that knows its mask.
+
+Subclasses name their per-entry state buffers and implement ``_update_run_torch`` and
+``_update_run_triton``.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..ops._triton import triton_installed, triton_interpreting, triton_usable_on
+from ..ops.multi_tensor import AddressTable, BlockTable, build_block_table
+from ._layout import GroupLayout, build_group_layout, flat_memory_view
+
+STATE_DICT_FORMAT = 1
+IMPLEMENTATIONS = ("auto", "torch", "triton")
+
+
+@dataclass
+class Run:
+    """Consecutive tensors of a group (first..last, inclusive) stepped with the same scalars."""
+
+    first: int
+    last: int
+    start: int  # flat slice [start, end) in the group's buffers
+    end: int
+    step: int
+    dtype: torch.dtype
+
+    @property
+    def positions(self) -> range:
+        return range(self.first, self.last + 1)
+
+
+class _GroupRuntime:
+    """Mutable per-group state: step counts, flat buffers, gathered gradients, kernel tables."""
+
+    def __init__(self, layout: GroupLayout):
+        n = len(layout.params)
+        self.steps = [0] * n
+        # torch.optim convention: state['step'] is a float32 CPU scalar; ours are views of this.
+        self.step_tensor = torch.zeros(n, dtype=torch.float32)
+        self.buffers: dict[str, Tensor] = {}
+        self.grad: Tensor | None = None  # gathered gradients, [K]
+        self.grad_ready = [False] * n  # set by hooks: this tensor's gradient is in self.grad
+        self.work: Tensor | None = None  # scratch for gathered parameter values, [K]
+        self.block_table: BlockTable | None = None
+        self.param_addr: AddressTable | None = None
+        self.grad_addr: AddressTable | None = None
+        self.strides = [p.stride() for p in layout.params]
+
+
+class MaskedOptimizer(torch.optim.Optimizer):
+    """Base class of MaskedAdamW / MaskedSGD. Not meant to be used directly."""
+
+    #: per-entry state buffers; (name, whether present given the group's hyperparameters)
+    _state_names: tuple[str, ...] = ()
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        mask_indices: Sequence[Tensor] | None,
+        defaults: dict[str, Any],
+        *,
+        free_dense_grads: bool,
+        master_weights: bool,
+        implementation: str,
+    ):
+        if implementation not in IMPLEMENTATIONS:
+            raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+        if implementation == "triton" and not triton_installed():
+            raise RuntimeError("implementation='triton' was requested but triton is not installed")
+        if isinstance(mask_indices, Tensor):
+            mask_indices = [mask_indices]
+        self._pending_masks = None if mask_indices is None else list(mask_indices)
+        self._layouts: list[GroupLayout] = []
+        self._runtime: list[_GroupRuntime] = []
+        self._hooks: list[Any] = []
+        self._frozen_by_us: list[Tensor] = []
+        self.free_dense_grads = bool(free_dense_grads)
+        self.master_weights = bool(master_weights)
+        self.implementation = implementation
+        super().__init__(params, defaults)
+        if self._pending_masks:
+            raise ValueError(
+                f"mask_indices has {len(self._pending_masks)} more tensors than there are parameters; "
+                "it must hold exactly one index tensor per parameter, in order"
+            )
+        self._pending_masks = None
+
+    # ------------------------------------------------------------------ groups and masks
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        params = param_group["params"]
+        params = [params] if isinstance(params, Tensor) else list(params)
+        group_no = len(self.param_groups)
+        masks = param_group.pop("mask_indices", None)
+        if masks is not None:
+            if self._pending_masks is not None:
+                raise ValueError(
+                    f"param group {group_no} carries its own 'mask_indices' and mask_indices was also passed "
+                    "to the optimizer; give the masks one way only"
+                )
+            masks = [masks] if isinstance(masks, Tensor) else list(masks)
+        else:
+            if self._pending_masks is None:
+                raise ValueError(
+                    f"no mask for param group {group_no}: pass mask_indices=[...] (one flat index tensor per "
+                    "parameter) or put 'mask_indices' in the param group"
+                )
+            if len(self._pending_masks) < len(params):
+                raise ValueError(
+                    f"mask_indices has fewer tensors than there are parameters (param group {group_no} needs "
+                    f"{len(params)}, {len(self._pending_masks)} left); it must hold one index tensor per parameter"
+                )
+            masks, self._pending_masks = self._pending_masks[: len(params)], self._pending_masks[len(params) :]
+        layout = build_group_layout(params, masks, group_no)
+        param_group["params"] = params
+        super().add_param_group(param_group)
+        self._layouts.append(layout)
+        self._runtime.append(_GroupRuntime(layout))
+        if self.free_dense_grads:
+            self._register_grad_hooks(len(self._layouts) - 1)
+
+    def _use_triton(self, layout: GroupLayout) -> bool:
+        if self.implementation == "torch":
+            return False
+        usable = triton_usable_on(layout.device)
+        if self.implementation == "triton":
+            if not usable:
+                raise RuntimeError(
+                    f"implementation='triton' cannot run on {layout.device} tensors here: Triton needs CUDA "
+                    "tensors, or CPU tensors with TRITON_INTERPRET=1 set before triton is imported"
+                )
+            return True
+        return usable and layout.device.type == "cuda" and not triton_interpreting()
+
+    # ------------------------------------------------------------------ gradients
+    def _gather_grad(self, layout: GroupLayout, i: int, grad: Tensor, out: Tensor, accumulate: bool) -> None:
+        """Copy (or add) tensor i's masked gradient entries into ``out``."""
+        p = layout.params[i]
+        if grad.is_sparse:
+            raise RuntimeError(
+                f"parameter {i} (shape {tuple(p.shape)}) has a sparse gradient; masked optimizers need dense "
+                "gradients (use sparse=False in nn.Embedding)"
+            )
+        if grad.shape != p.shape:
+            raise RuntimeError(f"gradient of shape {tuple(grad.shape)} for a parameter of shape {tuple(p.shape)}")
+        if grad.stride() == p.stride():  # same shape and strides as the dense parameter: dense too
+            src, idx = flat_memory_view(grad), layout.mem_indices[i]
+        else:
+            src, idx = grad.reshape(-1), layout.indices[i]
+        if accumulate:
+            out.add_(src.index_select(0, idx))
+        elif src.dtype == out.dtype:
+            torch.index_select(src, 0, idx, out=out)
+        else:
+            out.copy_(src.index_select(0, idx))
+
+    def _grad_buffer(self, gi: int) -> Tensor:
+        rt, lay = self._runtime[gi], self._layouts[gi]
+        if rt.grad is None:
+            rt.grad = torch.zeros(lay.total, dtype=lay.state_dtype, device=lay.device)
+        return rt.grad
+
+    def _register_grad_hooks(self, gi: int) -> None:
+        lay = self._layouts[gi]
+        for i, p in enumerate(lay.params):
+            if lay.k(i) == 0:
+                # Nothing of it is trained: autograd need not compute its gradient at all.
+                if p.requires_grad:
+                    p.requires_grad_(False)
+                    self._frozen_by_us.append(p)
+                continue
+            self._hooks.append(p.register_post_accumulate_grad_hook(self._make_hook(gi, i)))
+
+    def _make_hook(self, gi: int, i: int):
+        def hook(p: Tensor) -> None:
+            lay, rt = self._layouts[gi], self._runtime[gi]
+            out = self._grad_buffer(gi)[lay.slice(i)]
+            with torch.no_grad():
+                self._gather_grad(lay, i, p.grad, out, accumulate=rt.grad_ready[i])
+            rt.grad_ready[i] = True
+            p.grad = None  # the dense gradient is freed as soon as its k entries are safe
+
+        return hook
+
+    def remove_grad_hooks(self) -> None:
+        """Undo ``free_dense_grads``: remove the hooks and give back requires_grad to the
+        parameters the optimizer froze. Gradients are then gathered at step time."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+        for p in self._frozen_by_us:
+            p.requires_grad_(True)
+        self._frozen_by_us.clear()
+        self.free_dense_grads = False
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none=set_to_none)
+        for rt in self._runtime:
+            if set_to_none:
+                rt.grad_ready = [False] * len(rt.grad_ready)
+            elif rt.grad is not None:
+                rt.grad.zero_()
+
+    # ------------------------------------------------------------------ stepping
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Perform one optimisation step on the masked entries. Returns the closure's loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for gi, group in enumerate(self.param_groups):
+            self._step_group(gi, group)
+        return loss
+
+    def _active(self, gi: int) -> list[int]:
+        lay, rt = self._layouts[gi], self._runtime[gi]
+        active = []
+        for i, p in enumerate(lay.params):
+            if lay.k(i) == 0:
+                continue
+            if rt.grad_ready[i] or p.grad is not None:
+                if p.stride() != rt.strides[i] or p.device != lay.device:
+                    raise RuntimeError(
+                        f"param group {gi}, parameter {i} (shape {tuple(p.shape)}) changed its memory layout or "
+                        "device after the optimizer was built (e.g. model.to(...) or a memory_format change); "
+                        "build the optimizer after moving the model"
+                    )
+                active.append(i)
+        return active
+
+    def _runs(self, lay: GroupLayout, rt: _GroupRuntime, active: list[int]) -> list[Run]:
+        """Split active tensors into maximal runs sharing (step, dtype) with no active gap."""
+        runs: list[Run] = []
+        prev = None
+        for i in active:
+            p = lay.params[i]
+            step = rt.steps[i]
+            if runs and prev is not None and step == runs[-1].step and p.dtype == runs[-1].dtype and all(
+                lay.k(j) == 0 for j in range(prev + 1, i)
+            ):
+                runs[-1].last = i
+                runs[-1].end = lay.starts[i + 1]
+            else:
+                runs.append(Run(i, i, lay.starts[i], lay.starts[i + 1], step, p.dtype))
+            prev = i
+        return runs
+
+    def _ensure_buffers(self, gi: int, group: dict[str, Any]) -> dict[str, Tensor]:
+        lay, rt = self._layouts[gi], self._runtime[gi]
+        for name in self._state_buffer_names(group):
+            if name not in rt.buffers:
+                rt.buffers[name] = torch.zeros(lay.total, dtype=lay.state_dtype, device=lay.device)
+        if self._needs_master(lay) and "master" not in rt.buffers:
+            rt.buffers["master"] = torch.zeros(lay.total, dtype=lay.state_dtype, device=lay.device)
+        return rt.buffers
+
+    def _needs_master(self, lay: GroupLayout) -> bool:
+        return self.master_weights and any(p.dtype != lay.state_dtype for p in lay.params)
+
+    def _master_for(self, lay: GroupLayout, run: Run) -> bool:
+        return self._needs_master(lay) and run.dtype != lay.state_dtype
+
+    def _step_group(self, gi: int, group: dict[str, Any]) -> None:
+        lay, rt = self._layouts[gi], self._runtime[gi]
+        active = self._active(gi)
+        if not active:
+            return
+        bufs = self._ensure_buffers(gi, group)
+        for i in active:
+            rt.steps[i] += 1
+        new_state = [i for i in active if rt.steps[i] == 1]
+        use_triton = self._use_triton(lay)
+        for run in self._runs(lay, rt, active):
+            has_master = self._master_for(lay, run)
+            if has_master and run.step == 1:
+                self._init_master(lay, run, bufs["master"])
+            if use_triton:
+                self._update_run_triton(gi, group, run, has_master)
+            else:
+                self._update_run_torch(gi, group, run, has_master)
+        # keep state['step'] (torch's float32 CPU scalars) in sync in one op
+        rt.step_tensor[torch.tensor(active)] = torch.tensor([float(rt.steps[i]) for i in active])
+        for i in new_state:
+            self._publish_state(gi, i)
+        if any(rt.grad_ready):
+            rt.grad_ready = [False] * len(rt.grad_ready)  # gathered gradients are consumed by step()
+
+    def _init_master(self, lay: GroupLayout, run: Run, master: Tensor) -> None:
+        for i in run.positions:
+            sl = lay.slice(i)
+            master[sl].copy_(flat_memory_view(lay.params[i]).index_select(0, lay.mem_indices[i]))
+
+    def _publish_state(self, gi: int, i: int) -> None:
+        """Expose tensor i's slices of the flat buffers as torch-style per-parameter state."""
+        lay, rt = self._layouts[gi], self._runtime[gi]
+        sl = lay.slice(i)
+        st = {"step": rt.step_tensor[i]}
+        for name, buf in rt.buffers.items():
+            if name == "master" and lay.params[i].dtype == lay.state_dtype:
+                continue
+            st[name] = buf[sl]
+        self.state[lay.params[i]] = st
+
+    # --- the torch path: gather, one vectorised update per run, scatter
+    def _gather_run(self, gi: int, run: Run, has_master: bool) -> tuple[Tensor, Tensor]:
+        """(gradients, parameter values) of the run's entries as flat state-dtype slices."""
+        lay, rt = self._layouts[gi], self._runtime[gi]
+        grad = self._grad_buffer(gi)
+        for i in run.positions:
+            if lay.k(i) and not rt.grad_ready[i]:
+                self._gather_grad(lay, i, lay.params[i].grad, grad[lay.slice(i)], accumulate=False)
+        if has_master:
+            values = rt.buffers["master"]
+        else:
+            if rt.work is None:
+                rt.work = torch.empty(lay.total, dtype=lay.state_dtype, device=lay.device)
+            values = rt.work
+            for i in run.positions:
+                if lay.k(i):
+                    src = flat_memory_view(lay.params[i])
+                    out = values[lay.slice(i)]
+                    if src.dtype == out.dtype:
+                        torch.index_select(src, 0, lay.mem_indices[i], out=out)
+                    else:
+                        out.copy_(src.index_select(0, lay.mem_indices[i]))
+        return grad[run.start : run.end], values[run.start : run.end]
+
+    def _scatter_run(self, gi: int, run: Run, values: Tensor) -> None:
+        lay = self._layouts[gi]
+        for i in run.positions:
+            if lay.k(i):
+                p = lay.params[i]
+                v = values[lay.starts[i] - run.start : lay.starts[i + 1] - run.start]
+                flat_memory_view(p).index_put_((lay.mem_indices[i],), v.to(p.dtype))
+
+    # --- the Triton path: address tables, one launch per run
+    def _triton_tables(self, gi: int, run: Run, has_grad_flat: bool) -> tuple[BlockTable, Tensor, Tensor | None]:
+        lay, rt = self._layouts[gi], self._runtime[gi]
+        if rt.block_table is None:
+            rt.block_table = build_block_table(lay.starts, lay.device)
+            rt.param_addr = AddressTable(len(lay.params), lay.device)
+            rt.grad_addr = AddressTable(len(lay.params), lay.device)
+        param_addr = rt.param_addr.update([p.data_ptr() for p in lay.params])
+        grad_addr = None
+        if not has_grad_flat:
+            grad_addr = rt.grad_addr.update(
+                [p.grad.data_ptr() if p.grad is not None and lay.k(i) else 0 for i, p in enumerate(lay.params)]
+            )
+        return rt.block_table, param_addr, grad_addr
+
+    def _run_grads_for_triton(self, gi: int, run: Run) -> Tensor | None:
+        """None when the kernel can read every dense .grad in place (same layout as its parameter);
+        otherwise gathers the run's gradients into the flat buffer and returns it."""
+        lay, rt = self._layouts[gi], self._runtime[gi]
+        direct = True
+        for i in run.positions:
+            if not lay.k(i):
+                continue
+            g = lay.params[i].grad
+            if rt.grad_ready[i] or g is None or g.is_sparse or g.stride() != lay.params[i].stride() or g.dtype != lay.params[i].dtype:
+                direct = False
+                break
+        if direct:
+            return None
+        grad = self._grad_buffer(gi)
+        for i in run.positions:
+            if lay.k(i) and not rt.grad_ready[i]:
+                self._gather_grad(lay, i, lay.params[i].grad, grad[lay.slice(i)], accumulate=False)
+        return grad
+
+    # ------------------------------------------------------------------ subclass interface
+    def _state_buffer_names(self, group: dict[str, Any]) -> list[str]:
+        raise NotImplementedError
+
+    def _update_run_torch(self, gi: int, group: dict[str, Any], run: Run, has_master: bool) -> None:
+        raise NotImplementedError
+
+    def _update_run_triton(self, gi: int, group: dict[str, Any], run: Run, has_master: bool) -> None:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ introspection
+    def num_masked(self) -> int:
+        """Total number of trained entries k over all param groups."""
+        return sum(lay.total for lay in self._layouts)
+
+    def state_bytes(self) -> int:
+        """Bytes held as optimizer state (moment buffers, fp32 masters); excludes indices and scratch."""
+        return sum(b.numel() * b.element_size() for rt in self._runtime for b in rt.buffers.values())
+
+    def mask_digests(self) -> list[list[str]]:
+        """Per group, per parameter: the digest of its mask (see ``fishkern.optim._layout.mask_digest``)."""
+        return [list(lay.digests) for lay in self._layouts]
+
+    # ------------------------------------------------------------------ checkpointing
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        sd["fishkern"] = {
+            "format": STATE_DICT_FORMAT,
+            "optimizer": type(self).__name__,
+            "master_weights": self.master_weights,
+            "masks": [
+                [[lay.digests[i], lay.k(i), lay.params[i].numel()] for i in range(len(lay.params))]
+                for lay in self._layouts
+            ],
+        }
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        meta = state_dict.get("fishkern")
+        if not isinstance(meta, dict):
+            raise ValueError(
+                f"this state dict was not saved by a fishkern masked optimizer (no 'fishkern' entry); "
+                f"{type(self).__name__} can only resume from its own state_dict()"
+            )
+        if meta.get("format") != STATE_DICT_FORMAT:
+            raise ValueError(f"unsupported fishkern optimizer state format {meta.get('format')!r}")
+        if meta.get("optimizer") != type(self).__name__:
+            raise ValueError(f"state dict of a {meta.get('optimizer')} cannot be loaded into a {type(self).__name__}")
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"state dict has {len(saved_groups)} param groups, this optimizer {len(self.param_groups)}")
+        masks = meta["masks"]
+        for gi, (lay, saved, saved_masks) in enumerate(zip(self._layouts, saved_groups, masks)):
+            if len(saved["params"]) != len(lay.params):
+                raise ValueError(
+                    f"param group {gi}: state dict has {len(saved['params'])} parameters, this optimizer {len(lay.params)}"
+                )
+            for i, (digest, k, numel) in enumerate(saved_masks):
+                if digest != lay.digests[i] or k != lay.k(i) or numel != lay.params[i].numel():
+                    raise ValueError(
+                        f"param group {gi}, parameter {i} (shape {tuple(lay.params[i].shape)}): the saved state "
+                        f"belongs to a different mask (k={k}, {numel} entries, digest {digest}) than this "
+                        f"optimizer's (k={lay.k(i)}, {lay.params[i].numel()} entries, digest {lay.digests[i]})"
+                    )
+        saved_state = state_dict["state"]
+        # Validate everything before touching anything, so a bad state dict changes nothing.
+        plan = []
+        for gi, (lay, saved) in enumerate(zip(self._layouts, saved_groups)):
+            names = self._state_buffer_names({**self.param_groups[gi], **saved})
+            for i, pid in enumerate(saved["params"]):
+                st = saved_state.get(pid)
+                if st is None:
+                    continue
+                for name in names + (["master"] if "master" in st else []):
+                    if name not in st:
+                        raise ValueError(f"param group {gi}, parameter {i}: saved state lacks '{name}'")
+                    if st[name].numel() != lay.k(i):
+                        raise ValueError(
+                            f"param group {gi}, parameter {i}: saved '{name}' has {st[name].numel()} entries, "
+                            f"the mask selects {lay.k(i)}"
+                        )
+                plan.append((gi, i, st))
+        self.state.clear()
+        for gi, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
+            for key, value in saved.items():
+                if key != "params":
+                    group[key] = value
+            rt = self._runtime[gi]
+            rt.buffers.clear()
+            rt.steps = [0] * len(rt.steps)
+            rt.step_tensor.zero_()
+            rt.grad_ready = [False] * len(rt.grad_ready)
+        touched = set()
+        for gi, i, st in plan:
+            lay, rt = self._layouts[gi], self._runtime[gi]
+            bufs = self._ensure_buffers(gi, self.param_groups[gi])
+            sl = lay.slice(i)
+            for name, buf in bufs.items():
+                if name in st:
+                    buf[sl].copy_(st[name].reshape(-1))
+            step = int(st["step"].item() if isinstance(st["step"], Tensor) else st["step"])
+            rt.steps[i] = step
+            rt.step_tensor[i] = float(step)
+            touched.add((gi, i))
+        for gi, i in sorted(touched):
+            self._publish_state(gi, i)

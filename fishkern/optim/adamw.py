@@ -1,0 +1,129 @@
+"""MaskedAdamW: torch.optim.AdamW on the masked entries only, with state of size k."""
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from torch import Tensor
+
+from ..ops.adamw import adamw_scalars, adamw_update_
+from ._masked import MaskedOptimizer, Run
+
+
+class MaskedAdamW(MaskedOptimizer):
+    """AdamW that trains only the entries selected by a fixed sparse mask.
+
+    Equivalent to ``torch.optim.AdamW`` run on a model whose only parameters are the selected
+    entries (same bias correction, eps placement and decoupled weight decay); every unselected
+    entry stays bit-identical for the whole run, also with weight decay, amsgrad and maximize.
+    ``exp_avg`` / ``exp_avg_sq`` (and ``max_exp_avg_sq``) hold k_i entries per parameter, in fp32
+    (fp64 for fp64 parameters): 8·k bytes of state instead of 8·|θ|.
+
+    Args:
+        params: parameters or param groups, as for any ``torch.optim`` optimizer. A param group
+            may carry its own ``"mask_indices"`` (one tensor per parameter of the group).
+        mask_indices: one 1-D integer tensor of flat (row-major) indices per parameter, aligned with
+            all parameters in order (across groups). Unsorted indices are sorted; duplicates,
+            negative or out-of-range indices are refused. An empty tensor freezes its parameter.
+        lr, betas, eps, weight_decay, amsgrad, maximize: as ``torch.optim.AdamW`` (same defaults).
+        free_dense_grads: gather each parameter's k gradient entries in a post-accumulate-grad hook
+            and free its dense ``.grad`` at once (peak dense-gradient memory: one parameter). Parameters
+            with no selected entry get ``requires_grad=False``. ``.grad`` is then ``None`` after
+            backward; gradients accumulate over several backward passes until ``step()`` consumes
+            them. ``remove_grad_hooks()`` undoes it.
+        master_weights: keep fp32 master copies of the k selected entries of bf16/fp16 parameters
+            (the update is applied to the master, the parameter receives its rounded value).
+        implementation: ``"auto"`` (fused Triton kernel for CUDA tensors, vectorised PyTorch
+            otherwise), ``"torch"``, or ``"triton"``.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        mask_indices: Sequence[Tensor] | None = None,
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        free_dense_grads: bool = False,
+        master_weights: bool = False,
+        implementation: str = "auto",
+    ):
+        _check_hyper(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize)
+        super().__init__(
+            params,
+            mask_indices,
+            defaults,
+            free_dense_grads=free_dense_grads,
+            master_weights=master_weights,
+            implementation=implementation,
+        )
+
+    def _state_buffer_names(self, group: dict[str, Any]) -> list[str]:
+        return ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if group["amsgrad"] else [])
+
+    @staticmethod
+    def _scalars(group: dict[str, Any], step: int):
+        beta1, beta2 = group["betas"]
+        return adamw_scalars(
+            lr=float(group["lr"]),
+            beta1=float(beta1),
+            beta2=float(beta2),
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            step=step,
+        )
+
+    def _update_run_torch(self, gi: int, group: dict[str, Any], run: Run, has_master: bool) -> None:
+        bufs = self._runtime[gi].buffers
+        grad, values = self._gather_run(gi, run, has_master)
+        sl = slice(run.start, run.end)
+        adamw_update_(
+            values,
+            grad,
+            bufs["exp_avg"][sl],
+            bufs["exp_avg_sq"][sl],
+            bufs["max_exp_avg_sq"][sl] if group["amsgrad"] else None,
+            self._scalars(group, run.step),
+            maximize=group["maximize"],
+        )
+        self._scatter_run(gi, run, values)
+
+    def _update_run_triton(self, gi: int, group: dict[str, Any], run: Run, has_master: bool) -> None:
+        from ..ops.adamw_triton import masked_adamw_triton
+
+        lay, bufs = self._layouts[gi], self._runtime[gi].buffers
+        grad_flat = self._run_grads_for_triton(gi, run)
+        table, param_addr, grad_addr = self._triton_tables(gi, run, grad_flat is not None)
+        masked_adamw_triton(
+            table,
+            table.blocks_of(run.first, run.last),
+            param_addr,
+            grad_addr,
+            lay.flat_mem_indices,
+            grad_flat,
+            bufs["exp_avg"],
+            bufs["exp_avg_sq"],
+            bufs.get("max_exp_avg_sq") if group["amsgrad"] else None,
+            bufs["master"] if has_master else None,
+            self._scalars(group, run.step),
+            param_dtype=run.dtype,
+            maximize=group["maximize"],
+        )
+
+
+def _check_hyper(*, lr, betas, eps, weight_decay) -> None:
+    if isinstance(lr, Tensor) and lr.numel() != 1:
+        raise ValueError("a tensor lr must have one element")
+    if not 0.0 <= float(lr):
+        raise ValueError(f"invalid learning rate: {lr}")
+    if not 0.0 <= eps:
+        raise ValueError(f"invalid epsilon value: {eps}")
+    if len(betas) != 2 or not (0.0 <= float(betas[0]) < 1.0 and 0.0 <= float(betas[1]) < 1.0):
+        raise ValueError(f"invalid betas {betas}: each must lie in [0, 1)")
+    if not 0.0 <= weight_decay:
+        raise ValueError(f"invalid weight_decay value: {weight_decay}")
