@@ -25,3 +25,39 @@ def load_grad(grad_flat_ptr, grad_addr_ptr, t, e, mem_idx, in_bounds, GRAD_DT: t
         gp = tl.load(grad_addr_ptr + t).to(tl.pointer_type(GRAD_DT))
         g = tl.load(gp + mem_idx, mask=in_bounds, other=0.0)
     return g.to(COMPUTE_DT)
+
+
+@triton.jit
+def to_param_dtype(x, PARAM_DT: tl.constexpr):
+    """Cast fp32/fp64 values to the parameter dtype with round-to-nearest-even.
+
+    bf16 is rounded explicitly on the fp32 bit pattern: Triton's interpreter (used for CPU tests)
+    truncates fp32 -> bf16 even when RTNE is asked for, while GPUs round to nearest even. With the
+    rounding done here both agree with PyTorch's ``.to(torch.bfloat16)``.
+    """
+    if PARAM_DT == tl.bfloat16:
+        x32 = x.to(tl.float32)
+        bits = x32.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        rounded = bits.to(tl.float32, bitcast=True)
+        return tl.where(x32 != x32, x32, rounded).to(tl.bfloat16)
+    else:
+        return x.to(PARAM_DT)
+
+
+@triton.jit
+def ieee_sqrt(x):
+    """Correctly rounded square root (tl.sqrt may be approximate for fp32 on GPUs)."""
+    if x.dtype == tl.float64:
+        return tl.sqrt(x)
+    else:
+        return tl.sqrt_rn(x)
+
+
+@triton.jit
+def ieee_div(x, y):
+    """Correctly rounded division (fp32 '/' may be approximate on GPUs)."""
+    if x.dtype == tl.float64:
+        return x / y
+    else:
+        return tl.div_rn(x, y)

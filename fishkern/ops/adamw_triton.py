@@ -12,7 +12,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._triton import tl_dtype
-from ._triton_common import block_entries, load_grad
+from ._triton_common import block_entries, ieee_div, ieee_sqrt, load_grad, to_param_dtype
 from .adamw import AdamWScalars
 from .multi_tensor import BlockTable
 
@@ -52,12 +52,12 @@ def _masked_adamw_kernel(
         tl.store(max_exp_avg_sq_ptr + e, v, mask=m)
     else:
         v = exp_avg_sq
-    denom = tl.div_rn(tl.sqrt_rn(v), bias_correction2_sqrt) + eps
-    p = p + neg_step_size * tl.div_rn(exp_avg, denom)
+    denom = ieee_div(ieee_sqrt(v), bias_correction2_sqrt) + eps
+    p = p + neg_step_size * ieee_div(exp_avg, denom)
 
     if HAS_MASTER:
         tl.store(master_ptr + e, p, mask=m)
-    tl.store(p_ptr + mem_idx, p.to(PARAM_DT), mask=m)
+    tl.store(p_ptr + mem_idx, to_param_dtype(p, PARAM_DT), mask=m)
 
 
 def masked_adamw_triton(

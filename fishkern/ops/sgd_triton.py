@@ -7,7 +7,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._triton import tl_dtype
-from ._triton_common import block_entries, load_grad
+from ._triton_common import block_entries, load_grad, to_param_dtype
 from .multi_tensor import BlockTable
 
 
@@ -48,7 +48,7 @@ def _masked_sgd_kernel(
 
     if HAS_MASTER:
         tl.store(master_ptr + e, p, mask=m)
-    tl.store(p_ptr + mem_idx, p.to(PARAM_DT), mask=m)
+    tl.store(p_ptr + mem_idx, to_param_dtype(p, PARAM_DT), mask=m)
 
 
 def masked_sgd_triton(

@@ -128,7 +128,9 @@ class MaskedOptimizer(torch.optim.Optimizer):
             self._register_grad_hooks(len(self._layouts) - 1)
 
     def _use_triton(self, layout: GroupLayout) -> bool:
-        if self.implementation == "torch":
+        # float64 groups always take the PyTorch path: Triton passes scalar arguments (lr, bias
+        # corrections) as fp32, which would cost fp64 state its precision.
+        if self.implementation == "torch" or layout.state_dtype == torch.float64:
             return False
         usable = triton_usable_on(layout.device)
         if self.implementation == "triton":

@@ -1,0 +1,26 @@
+"""Test configuration.
+
+Without a GPU, Triton kernels are tested with Triton's interpreter on CPU tensors. The interpreter
+is chosen by TRITON_INTERPRET=1, which must be set before triton is first imported; fishkern never
+imports triton at import time, so setting it here is early enough.
+"""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from fishkern.ops._triton import triton_installed  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+HAS_TRITON = triton_installed()
+
+
+def triton_devices():
+    """Devices the Triton path is tested on: CUDA when present, the CPU interpreter otherwise."""
+    return ["cuda"] if HAS_CUDA else ["cpu"]
+
+
+requires_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
