@@ -9,19 +9,14 @@ This module validates the user's ``mask_indices`` and builds that layout once, a
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
+from .._indices import index_dtype_for, indices_digest
+
 SUPPORTED_PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-_INT32_LIMIT = 2**31
-
-
-def index_dtype_for(numel: int) -> torch.dtype:
-    """int32 indices where they fit (half the memory), int64 for tensors of 2**31 entries or more."""
-    return torch.int32 if numel < _INT32_LIMIT else torch.int64
 
 
 def check_mask_indices(param: Tensor, indices, where: str) -> Tensor:
@@ -65,15 +60,6 @@ def check_mask_indices(param: Tensor, indices, where: str) -> Tensor:
             first = int(idx[1:][dup][0])
             raise ValueError(f"{where}: mask index {first} appears more than once; each entry may be selected once")
     return idx.to(out_dtype)
-
-
-def mask_digest(indices: Tensor, numel: int) -> str:
-    """A short, stable fingerprint of one parameter's mask (sorted indices + parameter size)."""
-    h = hashlib.sha256()
-    h.update(b"fishkern-mask-v1")
-    h.update(int(numel).to_bytes(8, "little"))
-    h.update(indices.detach().to("cpu", torch.int64).contiguous().numpy().tobytes())
-    return h.hexdigest()[:32]
 
 
 def _is_dense_layout(shape, strides) -> bool:
@@ -191,7 +177,7 @@ def build_group_layout(params: list[Tensor], masks: list[Tensor], group_no: int)
         contiguous.append(p.is_contiguous())
     indices = [flat_indices[starts[i] : starts[i + 1]] for i in range(len(params))]
     mem_indices = [flat_mem[starts[i] : starts[i + 1]] for i in range(len(params))]
-    digests = [mask_digest(idx, p.numel()) for p, idx in zip(params, indices)]
+    digests = [indices_digest(idx, p.numel()) for p, idx in zip(params, indices)]
     return GroupLayout(
         params=list(params),
         indices=indices,

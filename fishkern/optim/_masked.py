@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..mask.fishmask import FishMask
 from ..ops._triton import triton_installed, triton_interpreting, triton_usable_on
 from ..ops.multi_tensor import AddressTable, BlockTable, build_block_table
 from ._layout import GroupLayout, build_group_layout, flat_memory_view
@@ -78,7 +79,8 @@ class MaskedOptimizer(torch.optim.Optimizer):
             raise RuntimeError("implementation='triton' was requested but triton is not installed")
         if isinstance(mask_indices, Tensor):
             mask_indices = [mask_indices]
-        self._pending_masks = None if mask_indices is None else list(mask_indices)
+        self._fishmask = mask_indices if isinstance(mask_indices, FishMask) else None
+        self._pending_masks = None if mask_indices is None or self._fishmask is not None else list(mask_indices)
         self._layouts: list[GroupLayout] = []
         self._runtime: list[_GroupRuntime] = []
         self._hooks: list[Any] = []
@@ -96,11 +98,23 @@ class MaskedOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ groups and masks
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        params = param_group["params"]
-        params = [params] if isinstance(params, Tensor) else list(params)
+        raw = param_group["params"]
+        raw = [raw] if isinstance(raw, Tensor) else list(raw)
+        param_group["params"] = raw  # torch splits (name, tensor) pairs into params / param_names
+        named = bool(raw) and isinstance(raw[0], tuple)
+        params = [p[1] if isinstance(p, tuple) else p for p in raw]
+        names = [p[0] for p in raw] if named else param_group.get("param_names")
         group_no = len(self.param_groups)
         masks = param_group.pop("mask_indices", None)
-        if masks is not None:
+        fishmask = masks if isinstance(masks, FishMask) else (self._fishmask if masks is None else None)
+        if fishmask is not None:
+            if names is None:
+                raise ValueError(
+                    "a FishMask selects parameters by name: pass model.named_parameters() (or param groups of "
+                    "(name, parameter) pairs) instead of model.parameters()"
+                )
+            masks = fishmask.indices_for(list(names), [tuple(p.shape) for p in params], [p.device for p in params])
+        elif masks is not None:
             if self._pending_masks is not None:
                 raise ValueError(
                     f"param group {group_no} carries its own 'mask_indices' and mask_indices was also passed "
@@ -120,7 +134,6 @@ class MaskedOptimizer(torch.optim.Optimizer):
                 )
             masks, self._pending_masks = self._pending_masks[: len(params)], self._pending_masks[len(params) :]
         layout = build_group_layout(params, masks, group_no)
-        param_group["params"] = params
         super().add_param_group(param_group)
         self._layouts.append(layout)
         self._runtime.append(_GroupRuntime(layout))
@@ -399,7 +412,7 @@ class MaskedOptimizer(torch.optim.Optimizer):
         return sum(b.numel() * b.element_size() for rt in self._runtime for b in rt.buffers.values())
 
     def mask_digests(self) -> list[list[str]]:
-        """Per group, per parameter: the digest of its mask (see ``fishkern.optim._layout.mask_digest``)."""
+        """Per group, per parameter: the digest of its mask (see ``fishkern._indices.indices_digest``)."""
         return [list(lay.digests) for lay in self._layouts]
 
     # ------------------------------------------------------------------ checkpointing

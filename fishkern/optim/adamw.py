@@ -6,6 +6,7 @@ from typing import Any
 
 from torch import Tensor
 
+from ..mask.fishmask import FishMask
 from ..ops.adamw import adamw_scalars, adamw_update_
 from ._masked import MaskedOptimizer, Run
 
@@ -25,6 +26,7 @@ class MaskedAdamW(MaskedOptimizer):
         mask_indices: one 1-D integer tensor of flat (row-major) indices per parameter, aligned with
             all parameters in order (across groups). Unsorted indices are sorted; duplicates,
             negative or out-of-range indices are refused. An empty tensor freezes its parameter.
+            Or a ``FishMask``, with ``params`` given by name (``model.named_parameters()``).
         lr, betas, eps, weight_decay, amsgrad, maximize: as ``torch.optim.AdamW`` (same defaults).
         free_dense_grads: gather each parameter's k gradient entries in a post-accumulate-grad hook
             and free its dense ``.grad`` at once (peak dense-gradient memory: one parameter). Parameters
@@ -34,13 +36,13 @@ class MaskedAdamW(MaskedOptimizer):
         master_weights: keep fp32 master copies of the k selected entries of bf16/fp16 parameters
             (the update is applied to the master, the parameter receives its rounded value).
         implementation: ``"auto"`` (fused Triton kernel for CUDA tensors, vectorised PyTorch
-            otherwise), ``"torch"``, or ``"triton"``.
+            otherwise), ``"torch"``, or ``"triton"``. float64 groups always use the PyTorch path.
     """
 
     def __init__(
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]],
-        mask_indices: Sequence[Tensor] | None = None,
+        mask_indices: Sequence[Tensor] | FishMask | None = None,
         lr: float | Tensor = 1e-3,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,

@@ -7,6 +7,7 @@ from typing import Any
 
 from torch import Tensor
 
+from ..mask.fishmask import FishMask
 from ..ops.sgd import sgd_update_
 from ._masked import MaskedOptimizer, Run
 
@@ -26,7 +27,7 @@ class MaskedSGD(MaskedOptimizer):
     def __init__(
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]],
-        mask_indices: Sequence[Tensor] | None = None,
+        mask_indices: Sequence[Tensor] | FishMask | None = None,
         lr: float | Tensor = 1e-3,
         momentum: float = 0.0,
         dampening: float = 0.0,

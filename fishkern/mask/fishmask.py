@@ -1,0 +1,285 @@
+"""FishMask: which entries of which parameters are trained.
+
+Per parameter name: the sorted flat (row-major) indices of the selected entries (int32 where the
+parameter has fewer than 2**31 entries, else int64), and the parameter's shape. A mask always
+covers every parameter of the model it was made for (unselected parameters have no indices), so
+it can tell a model it does not belong to. It also records which parameters were forced in, how it
+was made (provenance) and a digest of the whole selection.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+import torch
+from torch import Tensor
+
+from .._indices import index_dtype_for, update_digest
+
+FORMAT = "fishkern.mask"
+FORMAT_VERSION = 1
+
+#: a model, its named parameters, or {name: shape}
+ParamsLike = Union[torch.nn.Module, Mapping[str, Tensor], Mapping[str, tuple], Iterable[tuple[str, Tensor]]]
+
+
+def named_shapes(params: ParamsLike) -> dict[str, tuple[int, ...]]:
+    """{name: shape} of a model, of named tensors, or of a {name: shape} mapping, in model order."""
+    if isinstance(params, torch.nn.Module):
+        return {n: tuple(p.shape) for n, p in params.named_parameters()}
+    items = params.items() if isinstance(params, Mapping) else params
+    out = {}
+    for name, value in items:
+        out[name] = tuple(value.shape) if isinstance(value, Tensor) else tuple(int(s) for s in value)
+    return out
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+@dataclass(frozen=True)
+class FishMask:
+    """A fixed sparse mask over a model's parameters. Build it with ``FishMask.from_scores``
+    (the FISH mask), ``random``, ``bitfit`` or ``from_boolean``."""
+
+    shapes: dict[str, tuple[int, ...]]  # every parameter of the model, in model order
+    indices: dict[str, Tensor]  # selected parameters only: sorted flat indices
+    forced: tuple[str, ...] = ()  # parameters included entirely regardless of scores
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        for name, idx in self.indices.items():
+            if name not in self.shapes:
+                raise ValueError(f"mask has indices for {name!r} but no shape for it")
+            n = _numel(self.shapes[name])
+            if idx.dim() != 1 or idx.dtype not in (torch.int32, torch.int64):
+                raise ValueError(f"indices of {name!r} must be a 1-D int32/int64 tensor")
+            if idx.numel() and (int(idx[0]) < 0 or int(idx[-1]) >= n or not bool((idx[1:] > idx[:-1]).all())):
+                raise ValueError(f"indices of {name!r} must be strictly increasing flat indices in [0, {n})")
+        for name in self.forced:
+            if name not in self.shapes:
+                raise ValueError(f"forced parameter {name!r} is not in the mask")
+
+    # ------------------------------------------------------------------ summary
+    @property
+    def k(self) -> int:
+        """Number of selected entries."""
+        return sum(int(i.numel()) for i in self.indices.values())
+
+    @property
+    def numel(self) -> int:
+        """Number of entries of all parameters."""
+        return sum(_numel(s) for s in self.shapes.values())
+
+    @property
+    def density(self) -> float:
+        return self.k / self.numel if self.numel else 0.0
+
+    def k_of(self, name: str) -> int:
+        idx = self.indices.get(name)
+        return 0 if idx is None else int(idx.numel())
+
+    @property
+    def digest(self) -> str:
+        """sha256 over names, shapes and selected indices: equal masks have equal digests."""
+        h = hashlib.sha256(b"fishkern-fishmask-v1")
+        for name in sorted(self.shapes):
+            h.update(name.encode())
+            h.update(json.dumps(list(self.shapes[name])).encode())
+            update_digest(h, self.indices.get(name, torch.empty(0, dtype=torch.int64)), _numel(self.shapes[name]))
+        return h.hexdigest()
+
+    def __repr__(self) -> str:
+        return (
+            f"FishMask(k={self.k:,}, density={self.density:.4%}, parameters={len(self.shapes)}, "
+            f"selected_in={len(self.indices)}, forced={list(self.forced)}, digest={self.digest[:12]})"
+        )
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, FishMask) and self.digest == other.digest and set(self.forced) == set(other.forced)
+
+    def __hash__(self) -> int:
+        return hash(self.digest)
+
+    # ------------------------------------------------------------------ conversions
+    def check_matches(self, params: ParamsLike, *, strict: bool = True) -> dict[str, tuple[int, ...]]:
+        """Raise a clear error when ``params`` is not the model this mask was made for.
+
+        strict: the model must have exactly the mask's parameters; otherwise model parameters the
+        mask does not know are allowed (they will be frozen).
+        """
+        model = named_shapes(params)
+        missing = [n for n in self.shapes if n not in model]
+        if missing:
+            raise ValueError(
+                f"this mask does not fit the model: {len(missing)} of its parameters are not in the model "
+                f"(e.g. {missing[:3]}); was it made for another model?"
+            )
+        wrong = [(n, self.shapes[n], model[n]) for n in self.shapes if model[n] != self.shapes[n]]
+        if wrong:
+            n, s, m = wrong[0]
+            raise ValueError(
+                f"this mask does not fit the model: parameter {n!r} has shape {m} in the model but {s} in the "
+                f"mask ({len(wrong)} mismatches); was it made for another model?"
+            )
+        extra = [n for n in model if n not in self.shapes]
+        if extra and strict:
+            raise ValueError(
+                f"the model has {len(extra)} parameters the mask does not know (e.g. {extra[:3]}); pass "
+                "strict=False to freeze them"
+            )
+        return model
+
+    def mask_indices(self, params: ParamsLike, *, strict: bool = True, device=None) -> list[Tensor]:
+        """The ``mask_indices`` list for ``MaskedAdamW(model.parameters(), ...)``: one index tensor per
+        parameter in model order (empty for unselected parameters), on each parameter's device."""
+        model = self.check_matches(params, strict=strict)
+        devices = {}
+        if isinstance(params, torch.nn.Module):
+            devices = {n: p.device for n, p in params.named_parameters()}
+        elif isinstance(params, Mapping):
+            devices = {n: v.device for n, v in params.items() if isinstance(v, Tensor)}
+        out = []
+        for name in model:
+            dev = device or devices.get(name, "cpu")
+            idx = self.indices.get(name)
+            out.append(torch.empty(0, dtype=torch.int64, device=dev) if idx is None else idx.to(dev))
+        return out
+
+    def indices_for(self, names: list[str], shapes: list[tuple[int, ...]], devices: list) -> list[Tensor]:
+        """Index tensors for these named parameters (used when an optimizer gets a FishMask)."""
+        for n, s in zip(names, shapes):
+            if n not in self.shapes:
+                raise ValueError(f"parameter {n!r} is not in the mask; was it made for another model?")
+            if tuple(s) != self.shapes[n]:
+                raise ValueError(f"parameter {n!r} has shape {tuple(s)} but the mask expects {self.shapes[n]}")
+        return [
+            self.indices[n].to(d) if n in self.indices else torch.empty(0, dtype=torch.int64, device=d)
+            for n, d in zip(names, devices)
+        ]
+
+    def to_boolean(self, device=None) -> dict[str, Tensor]:
+        """Dense boolean masks of every parameter's shape (True = trained)."""
+        out = {}
+        for name, shape in self.shapes.items():
+            m = torch.zeros(_numel(shape), dtype=torch.bool, device=device)
+            if name in self.indices:
+                m[self.indices[name].to(device=m.device, dtype=torch.int64)] = True
+            out[name] = m.view(shape)
+        return out
+
+    def to(self, device) -> "FishMask":
+        return FishMask(
+            dict(self.shapes), {n: i.to(device) for n, i in self.indices.items()}, self.forced, dict(self.provenance)
+        )
+
+    # ------------------------------------------------------------------ builders (see builders.py)
+    @classmethod
+    def from_scores(cls, scores, density=None, **kwargs) -> "FishMask":
+        from .builders import from_scores
+
+        return from_scores(scores, density, **kwargs)
+
+    @classmethod
+    def random(cls, params, density=None, **kwargs) -> "FishMask":
+        from .builders import random_mask
+
+        return random_mask(params, density, **kwargs)
+
+    @classmethod
+    def bitfit(cls, params, **kwargs) -> "FishMask":
+        from .builders import bitfit_mask
+
+        return bitfit_mask(params, **kwargs)
+
+    @classmethod
+    def from_boolean(cls, masks, **kwargs) -> "FishMask":
+        from .builders import from_boolean
+
+        return from_boolean(masks, **kwargs)
+
+    # ------------------------------------------------------------------ files
+    def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> None:
+        """Write the mask as a safetensors file (indices + JSON metadata). Atomic: the file appears
+        complete or not at all. An existing file is only replaced with ``overwrite=True``."""
+        from safetensors.torch import save_file
+
+        path = os.fspath(path)
+        if os.path.exists(path) and not overwrite:
+            raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+        tensors = {f"indices/{n}": i.detach().cpu().contiguous() for n, i in self.indices.items() if i.numel()}
+        meta = {
+            "format": FORMAT,
+            "format_version": str(FORMAT_VERSION),
+            "shapes": json.dumps({n: list(s) for n, s in self.shapes.items()}),
+            "forced": json.dumps(list(self.forced)),
+            "provenance": json.dumps(self.provenance, default=str),
+            "k": str(self.k),
+            "numel": str(self.numel),
+            "digest": self.digest,
+        }
+        directory = os.path.dirname(os.path.abspath(path))
+        fd, tmp = tempfile.mkstemp(prefix=".fishmask-", suffix=".tmp", dir=directory)
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata=meta)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device=None) -> "FishMask":
+        """Read a mask written by ``save``; a truncated, corrupt or foreign file is a clear error."""
+        from safetensors import safe_open
+
+        path = os.fspath(path)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"no mask file at {path}")
+        try:
+            with safe_open(path, framework="pt", device="cpu") as f:
+                meta = f.metadata() or {}
+                tensors = {key: f.get_tensor(key) for key in f.keys()}
+        except Exception as e:  # safetensors raises its own error types for bad headers / sizes
+            raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from e
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"{path} is not a fishkern mask file (format {meta.get('format')!r})")
+        if meta.get("format_version") != str(FORMAT_VERSION):
+            raise ValueError(f"{path}: unsupported mask format version {meta.get('format_version')!r}")
+        try:
+            shapes = {n: tuple(s) for n, s in json.loads(meta["shapes"]).items()}
+            forced = tuple(json.loads(meta["forced"]))
+            provenance = json.loads(meta["provenance"])
+        except (KeyError, ValueError) as e:
+            raise ValueError(f"{path}: damaged mask metadata ({e})") from e
+        indices = {}
+        for key, t in tensors.items():
+            if not key.startswith("indices/"):
+                raise ValueError(f"{path}: unexpected tensor {key!r} in a mask file")
+            indices[key[len("indices/") :]] = t
+        try:
+            mask = cls(shapes, indices, forced, provenance)
+        except ValueError as e:
+            raise ValueError(f"{path}: damaged mask ({e})") from e
+        if mask.digest != meta.get("digest"):
+            raise ValueError(f"{path}: the mask's digest does not match its contents (corrupt file?)")
+        return mask.to(device) if device is not None else mask
+
+
+def new_mask(shapes, selected: Mapping[str, Tensor], forced=(), provenance=None) -> FishMask:
+    """Build a FishMask from per-name sorted indices, converting them to the canonical dtype."""
+    indices = {}
+    for name, idx in selected.items():
+        if idx.numel():
+            indices[name] = idx.to(index_dtype_for(_numel(shapes[name])))
+    return FishMask(dict(shapes), indices, tuple(forced), dict(provenance or {}))

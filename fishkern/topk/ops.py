@@ -1,0 +1,69 @@
+"""``global_topk``: the k largest entries over a list of score tensors, as sorted flat indices per
+tensor — the selection at the heart of a FISH mask.
+
+Backed by the native op ``torch.ops.fishkern.topk_select`` (csrc/ops.cpp declares it; topk_cpu.cpp
+and the CUDA files implement it). Ties at the threshold go to the lowest global flat index (the
+position in the virtual concatenation of the tensors, in list order), as torch.topk on the
+concatenation; -0.0 equals 0.0; ±inf order as numbers; NaN is an error.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from .._native import require_native
+
+_FAKE_REGISTERED = False
+
+
+def _ensure_op():
+    global _FAKE_REGISTERED
+    require_native("global_topk")
+    if not _FAKE_REGISTERED:
+
+        @torch.library.register_fake("fishkern::topk_select")
+        def _(scores, k):
+            torch._check(k >= 0, lambda: "topk_select: k must be non-negative")
+            ctx = torch.library.get_ctx()
+            return [s.new_empty((ctx.new_dynamic_size(),), dtype=torch.int64) for s in scores]
+
+        _FAKE_REGISTERED = True
+    return torch.ops.fishkern.topk_select.default
+
+
+def check_scores(scores: Sequence[Tensor], k: int) -> list[Tensor]:
+    """Validate the inputs of a global top-k and return them as fp32 tensors."""
+    if isinstance(scores, Tensor) or not isinstance(scores, Sequence):
+        raise TypeError("scores must be a list or tuple of tensors (one per parameter)")
+    out = []
+    device = None
+    for i, s in enumerate(scores):
+        if not isinstance(s, Tensor):
+            raise TypeError(f"scores[{i}] is a {type(s).__name__}, not a tensor")
+        if s.dtype in (torch.float16, torch.bfloat16):
+            s = s.float()  # exact
+        elif s.dtype != torch.float32:
+            raise TypeError(f"scores[{i}] has dtype {s.dtype}; scores must be float32 (convert explicitly)")
+        if device is None:
+            device = s.device
+        elif s.device != device:
+            raise ValueError(f"scores[{i}] is on {s.device} but scores[0] is on {device}; put all scores on one device")
+        out.append(s)
+    total = sum(s.numel() for s in out)
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"k must be an int, got {type(k).__name__}")
+    if not 0 <= k <= total:
+        raise ValueError(f"k = {k} must lie in [0, {total}] (the total number of scores)")
+    return out
+
+
+def global_topk(scores: Sequence[Tensor], k: int) -> list[Tensor]:
+    """For each score tensor, the sorted int64 flat indices of its entries among the k largest of all.
+
+    Exactly k indices in total. Runs on the tensors' device (CPU: multi-threaded radix select, two
+    reads of the scores in the usual case; CUDA: the GPU radix select when built with CUDA).
+    """
+    scores = check_scores(scores, k)
+    return list(_ensure_op()(scores, k))
