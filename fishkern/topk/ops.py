@@ -66,4 +66,6 @@ def global_topk(scores: Sequence[Tensor], k: int) -> list[Tensor]:
     reads of the scores in the usual case; CUDA: the GPU radix select when built with CUDA).
     """
     scores = check_scores(scores, k)
+    if not scores:  # the dispatcher needs a tensor to pick a backend
+        return []
     return list(_ensure_op()(scores, k))
