@@ -303,6 +303,21 @@ def interference(before, after) -> dict[str, float] | None:
     return {"wall_s": wall, "other_cpu_s": other, "steal_s": after[3] - before[3], "own_cpu_s": after[2] - before[2]}
 
 
+def wait_for_quiet(max_wait_s: float, window_s: float = 1.0, threshold: float = 0.05) -> float:
+    """Wait until other processes use less than ``threshold`` of a core over a ``window_s`` window
+    (giving up after ``max_wait_s``); returns the seconds waited beyond the first window."""
+    t0 = time.perf_counter()
+    while True:
+        before = cpu_snapshot()
+        time.sleep(window_s)
+        inter = interference(before, cpu_snapshot())
+        # one 10 ms clock tick of slack
+        quiet = inter is None or inter["other_cpu_s"] + inter["steal_s"] <= threshold * inter["wall_s"] + 0.011
+        elapsed = time.perf_counter() - t0
+        if quiet or elapsed >= max_wait_s:
+            return max(0.0, elapsed - window_s)
+
+
 def reset_peak_rss() -> bool:
     """Reset this process's VmHWM to its current RSS (Linux >= 4.0: write 5 to clear_refs)."""
     try:

@@ -65,6 +65,7 @@ from _common import (  # noqa: E402
     environment,
     free_memory,
     interference,
+    wait_for_quiet,
     make_batch,
     model_description,
     proc_status_kib,
@@ -109,10 +110,6 @@ MEMORY_CONFIGS = {
 # helpers
 
 
-def mib(n_bytes: float | None) -> float | None:
-    return None if n_bytes is None else n_bytes / 2**20
-
-
 def fmt_ms(seconds: float | None) -> str:
     if seconds is None:
         return "n/a"
@@ -127,7 +124,7 @@ def fmt_ms(seconds: float | None) -> str:
 def fmt_bytes(n: float | None) -> str:
     if n is None:
         return "n/a"
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):  # decimal units, as in docs/design.md
         if n >= scale:
             return f"{n / scale:.2f} {unit}"
     return f"{int(n)} B"
@@ -182,16 +179,22 @@ def log(msg: str) -> None:
 
 
 RETRIES = 2  # set from --retries
+QUIET_WAIT_S = 120.0  # set from --quiet-wait
 
 
 def measure(label: str, fn, device, warmup: int, steps: int) -> dict[str, Any]:
-    """Time ``fn``. If other processes used much CPU meanwhile (on a shared 2-core machine an OpenMP
-    op whose second thread is descheduled waits a whole time slice), measure again after a pause, up
-    to RETRIES more times, and keep the least disturbed attempt; every attempt stays in the result."""
+    """Time ``fn``, first waiting (up to QUIET_WAIT_S) for other processes to leave the CPU. If they
+    still used much CPU meanwhile (on a shared 2-core machine an OpenMP op whose second thread is
+    descheduled waits a whole time slice), measure again, up to RETRIES more times, and keep the
+    least disturbed attempt; every attempt stays in the result."""
     attempts = []
     for attempt in range(1 + RETRIES):
         if attempt:
-            time.sleep(5)
+            time.sleep(2)
+        if QUIET_WAIT_S > 0 and cpu_snapshot() is not None:
+            waited = wait_for_quiet(QUIET_WAIT_S)
+            if waited > 0.5:
+                log(f"  (waited {waited:.0f} s for other processes to quieten down)")
         t0 = time.perf_counter()
         snap = cpu_snapshot()
         times = time_calls(fn, device, warmup, steps)
@@ -498,6 +501,7 @@ def render(report: dict[str, Any]) -> str:
         "(all samples and minima in the JSON). Speed-up = baseline time / masked time.",
         f"- masks: uniformly random, k = ⌊density × total⌋ entries over all parameters (seed {MASK_SEED}); gradients random, filled once; "
         "only `opt.step()` is timed (for the original approach: the mask multiply + `opt.step()`).",
+        "- sizes in decimal units (1 GB = 10⁹ bytes); exact byte counts in the JSON.",
     ]
     inter = report.get("timing_interference")
     if inter:
@@ -626,6 +630,8 @@ def parse_args(argv=None):
     ap.add_argument("--peak-gbps", type=float, default=None, help="peak memory bandwidth for the masked-step fraction "
                     "(default 3350, H100 SXM, on CUDA; not reported on CPU unless given)")
     ap.add_argument("--retries", type=int, default=2, help="re-measure a timing disturbed by other processes up to this many times")
+    ap.add_argument("--quiet-wait", type=float, default=None, help="before each timing, wait up to this many seconds for other "
+                    "processes to leave the CPU (default 120 on CPU, 0 on CUDA or with --quick)")
     ap.add_argument("--no-profile", dest="profile", action="store_false", help="skip the cProfile/torch.profiler of one masked step")
     ap.add_argument("--profile-density", type=float, default=0.5, help="density (%%) of the profiled masked step")
     ap.add_argument("--out-dir", default=str(HERE / "results"))
@@ -638,6 +644,8 @@ def parse_args(argv=None):
         args.steps = 5 if args.quick else 20
     if args.dense_steps is None:
         args.dense_steps = 2 if args.quick else (20 if cuda else 10)
+    if args.quiet_wait is None:
+        args.quiet_wait = 0.0 if (cuda or args.quick) else 120.0
     if args.peak_gbps is None and cuda:
         args.peak_gbps = 3350.0
     for d in args.densities:
@@ -651,8 +659,9 @@ def main(argv=None) -> int:
     if args.child is not None:
         print("CHILD_RESULT " + json.dumps(memory_child(json.loads(args.child))), flush=True)
         return 0
-    global RETRIES
+    global RETRIES, QUIET_WAIT_S
     RETRIES = max(0, args.retries)
+    QUIET_WAIT_S = max(0.0, args.quiet_wait)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda requested but CUDA is not available")

@@ -500,7 +500,8 @@ __device__ __forceinline__ long long tile_out_start(const Args& a, int64_t tile,
 __global__ void starts_kernel(Args a) {
   const long long k_rem = a.st->k_rem;
   const int64_t n_tiles = a.tile_off[a.n];
-  for (int t = blockIdx.x * blockDim.x + threadIdx.x; t <= a.n; t += gridDim.x * blockDim.x) {
+  for (int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; t <= a.n;
+       t += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t first = a.tile_off[t];
     long long s;
     if (a.k == 0) {
@@ -766,8 +767,8 @@ extern "C" int fishkern_topk_select_cuda(const float* const* d_ptrs, const int64
                                       static_cast<int>(L.n_tiles_max), stream);
     if (e != cudaSuccess) return e;
   }
-  const int starts_blocks = (n_tensors + 1 + kThreads - 1) / kThreads;
-  starts_kernel<<<starts_blocks, kThreads, 0, stream>>>(a);
+  const int64_t starts_blocks = (static_cast<int64_t>(n_tensors) + kThreads) / kThreads;  // n + 1 entries
+  starts_kernel<<<static_cast<unsigned>(starts_blocks), kThreads, 0, stream>>>(a);
   return cudaGetLastError();
 }
 

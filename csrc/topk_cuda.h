@@ -26,13 +26,15 @@
 //   * a stable compaction writes each selected entry's local flat index at its rank in global index
 //     order: per-tile counts -> exclusive scan (CUB) -> one more read of the scores writing in order.
 //
-// Reads of the scores (each a full read of all n tensors):
-//   typical (the top-11-bit bucket of the threshold holds <= total/32 entries): 3
+// Reads of the scores (each a full read of all n tensors; "pass d" below is hist_kernel<d-1>):
+//   typical (the top-11-bit bucket of the threshold holds <= max(2^16, total/32) entries): 3
 //     pass 1 (top digit histogram + NaN check), pass 2 (second digit histogram + filtering),
-//     the writing pass; the third digit is resolved on the buffer;
-//   early stop after pass 1 (whole bucket selected, e.g. k = total): 3 (pass 1, count, write);
-//   worst case (more than total/32 entries share the threshold's top 22 bits, e.g. a mass of exact
-//   ties such as zeros at the threshold): 5 (three digit passes, a counting pass, the writing pass).
+//     the writing pass; the third digit is resolved on the buffer alone;
+//   top bucket too big but the top-22-bit one fits the buffer: 4 (passes 1, 2, 3 + write);
+//   early stop after pass 1 (its whole bucket selected): 3 (pass 1, count, write; 2 when
+//     k = total, where every tile is written without reading it);
+//   worst case (more than max(2^16, total/32) entries share the threshold's top 22 bits, e.g. a
+//   mass of exact ties such as zeros at the threshold): 5 (passes 1-3, a counting pass, write).
 //   The writing pass skips tiles with nothing selected and does not read tiles selected whole.
 //
 // Every function is asynchronous on `stream` (no host synchronisation, no allocation) and returns
