@@ -28,7 +28,7 @@ def native_build():
         print("fishkern: torch is not importable at build time, skipping the native extension "
               "(install torch first, then `pip install --no-build-isolation -e .`)")
         return [], {}
-    sources = ["csrc/ops.cpp", "csrc/topk_cpu.cpp"]
+    sources = ["csrc/ops.cpp", "csrc/topk_cpu.cpp", "csrc/masked_copy_cpu.cpp"]
     # at::parallel_for is inlined from torch's headers and uses OpenMP pragmas
     cxx = ["-O3", "-std=c++17", "-fopenmp"]
     with_cuda = torch.version.cuda is not None and CUDA_HOME is not None and not _flag("FISHKERN_NO_CUDA")

@@ -167,3 +167,60 @@ def test_free_dense_grads_consumed_by_step():
     after = [p.detach().clone() for p in model.parameters()]
     opt.step()  # nothing gathered since: no parameter has a gradient
     assert all(torch.equal(a, p.detach()) for a, p in zip(after, model.parameters()))
+
+
+def test_native_copies_and_torch_copies_give_identical_trajectories():
+    """The CPU path moves data with the native multi-tensor gather/scatter when the extension is
+    built, else with index_select / index_put_: both must give bit-identical results."""
+    from fishkern._native import native_available
+
+    if not native_available():
+        pytest.skip("fishkern's native extension is not built: only the index_select path exists here")
+
+    def build():
+        torch.manual_seed(0)
+        conv = torch.nn.Conv2d(3, 8, 3).to(memory_format=torch.channels_last)
+        lin = torch.nn.Linear(10, 7).bfloat16()
+        return [conv.weight, conv.bias, lin.weight, lin.bias, torch.nn.Parameter(torch.randn(9, 4).t())]
+
+    a, b = build(), build()
+    masks = random_masks(a, density=0.4)
+    masks[1] = torch.empty(0, dtype=torch.long)
+    for master in (False, True):
+        oa = MaskedAdamW(a, masks, lr=0.05, weight_decay=0.1, master_weights=master)
+        ob = MaskedAdamW(b, masks, lr=0.05, weight_decay=0.1, master_weights=master)
+        ob._native = False
+        for step in range(3):
+            grads = random_grads(a, seed=step)
+            grads[4] = grads[4].contiguous()  # strides differ from the parameter's: per-tensor fallback
+            for p, q, g in zip(a, b, grads):
+                p.grad, q.grad = g.clone(), g.clone()
+            oa.step()
+            ob.step()
+        assert oa._native is True
+        for p, q in zip(a, b):
+            assert torch.equal(p, q)
+
+
+def test_native_gather_scatter_ops_directly():
+    from fishkern._native import native_available
+
+    if not native_available():
+        pytest.skip("fishkern's native extension is not built")
+    g = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(50, generator=g), torch.randn(7, 3, generator=g).bfloat16(), torch.randn(5, generator=g).half()]
+    idx = [torch.tensor([0, 9, 49]), torch.tensor([2, 20]), torch.tensor([4])]
+    flat_idx = torch.cat(idx).int()
+    begins, ends = [0, 3, 5], [3, 5, 6]
+    out = torch.zeros(6)
+    torch.ops.fishkern.gather_masked(tensors, flat_idx, begins, ends, out)
+    want = torch.cat([t.reshape(-1)[i].float() for t, i in zip(tensors, idx)])
+    assert torch.equal(out, want)
+    values = torch.randn(6, generator=g)
+    torch.ops.fishkern.scatter_masked_(tensors, flat_idx, begins, ends, values)
+    for t, i, (b, e) in zip(tensors, idx, zip(begins, ends)):
+        assert torch.equal(t.reshape(-1)[i], values[b:e].to(t.dtype))  # round-to-nearest-even, as .to()
+    with pytest.raises(RuntimeError, match="outside the index"):
+        torch.ops.fishkern.gather_masked(tensors, flat_idx, [0, 3, 5], [3, 5, 7], out)
+    with pytest.raises(RuntimeError, match="one entry per tensor"):
+        torch.ops.fishkern.gather_masked(tensors, flat_idx, [0, 3], [3, 5], out)

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._native import native_available
 from ..mask.fishmask import FishMask
 from ..ops._triton import triton_installed, triton_interpreting, triton_usable_on
 from ..ops.multi_tensor import AddressTable, BlockTable, build_block_table
@@ -55,6 +56,7 @@ class _GroupRuntime:
         self.param_addr: AddressTable | None = None
         self.grad_addr: AddressTable | None = None
         self.strides = [p.stride() for p in layout.params]
+        self.shapes = [p.shape for p in layout.params]
 
 
 class MaskedOptimizer(torch.optim.Optimizer):
@@ -88,6 +90,7 @@ class MaskedOptimizer(torch.optim.Optimizer):
         self.free_dense_grads = bool(free_dense_grads)
         self.master_weights = bool(master_weights)
         self.implementation = implementation
+        self._native: bool | None = None
         super().__init__(params, defaults)
         if self._pending_masks:
             raise ValueError(
@@ -243,10 +246,10 @@ class MaskedOptimizer(torch.optim.Optimizer):
             if lay.k(i) == 0:
                 continue
             if rt.grad_ready[i] or p.grad is not None:
-                if p.stride() != rt.strides[i] or p.device != lay.device:
+                if p.stride() != rt.strides[i] or p.shape != rt.shapes[i] or p.device != lay.device:
                     raise RuntimeError(
-                        f"param group {gi}, parameter {i} (shape {tuple(p.shape)}) changed its memory layout or "
-                        "device after the optimizer was built (e.g. model.to(...) or a memory_format change); "
+                        f"param group {gi}, parameter {i} (shape {tuple(p.shape)}) changed its shape, memory layout "
+                        "or device after the optimizer was built (e.g. model.to(...) or a memory_format change); "
                         "build the optimizer after moving the model"
                     )
                 active.append(i)
@@ -326,21 +329,52 @@ class MaskedOptimizer(torch.optim.Optimizer):
         self.state[lay.params[i]] = st
 
     # --- the torch path: gather, one vectorised update per run, scatter
+    def _native_copies(self, lay: GroupLayout) -> bool:
+        """Whether the CPU gather/scatter can use the native multi-tensor ops (one threaded call per
+        run instead of one index_select / index_put_ per parameter)."""
+        if self._native is None:
+            self._native = native_available()
+        return self._native and lay.device.type == "cpu"
+
     def _gather_run(self, gi: int, run: Run, has_master: bool) -> tuple[Tensor, Tensor]:
-        """(gradients, parameter values) of the run's entries as flat state-dtype slices."""
+        """(gradients, parameter values) of the run's entries as flat state-dtype slices of the
+        group's buffers. Pure data movement: the values are exactly the selected entries."""
         lay, rt = self._layouts[gi], self._runtime[gi]
         grad = self._grad_buffer(gi)
+        native = self._native_copies(lay)
+        batched = []  # gradients laid out like their parameter: gathered in one native call
         for i in run.positions:
             if lay.k(i) and not rt.grad_ready[i]:
-                self._gather_grad(lay, i, lay.params[i].grad, grad[lay.slice(i)], accumulate=False)
+                p, g = lay.params[i], lay.params[i].grad
+                if native and not g.is_sparse and g.shape == p.shape and g.stride() == p.stride():
+                    batched.append(i)
+                else:
+                    self._gather_grad(lay, i, g, grad[lay.slice(i)], accumulate=False)
+        if batched:
+            torch.ops.fishkern.gather_masked(
+                [lay.params[i].grad for i in batched],
+                lay.flat_mem_indices,
+                [lay.starts[i] for i in batched],
+                [lay.starts[i + 1] for i in batched],
+                grad,
+            )
         if has_master:
             values = rt.buffers["master"]
         else:
             if rt.work is None:
                 rt.work = torch.empty(lay.total, dtype=lay.state_dtype, device=lay.device)
             values = rt.work
-            for i in run.positions:
-                if lay.k(i):
+            selected = [i for i in run.positions if lay.k(i)]
+            if native:
+                torch.ops.fishkern.gather_masked(
+                    [lay.params[i] for i in selected],
+                    lay.flat_mem_indices,
+                    [lay.starts[i] for i in selected],
+                    [lay.starts[i + 1] for i in selected],
+                    values,
+                )
+            else:
+                for i in selected:
                     src = flat_memory_view(lay.params[i])
                     out = values[lay.slice(i)]
                     if src.dtype == out.dtype:
@@ -349,13 +383,24 @@ class MaskedOptimizer(torch.optim.Optimizer):
                         out.copy_(src.index_select(0, lay.mem_indices[i]))
         return grad[run.start : run.end], values[run.start : run.end]
 
-    def _scatter_run(self, gi: int, run: Run, values: Tensor) -> None:
-        lay = self._layouts[gi]
-        for i in run.positions:
-            if lay.k(i):
-                p = lay.params[i]
-                v = values[lay.starts[i] - run.start : lay.starts[i + 1] - run.start]
-                flat_memory_view(p).index_put_((lay.mem_indices[i],), v.to(p.dtype))
+    def _scatter_run(self, gi: int, run: Run, has_master: bool) -> None:
+        """Write the run's updated values (in the group's master or work buffer) into the
+        parameters, rounded to each parameter's dtype."""
+        lay, rt = self._layouts[gi], self._runtime[gi]
+        values = rt.buffers["master"] if has_master else rt.work
+        selected = [i for i in run.positions if lay.k(i)]
+        if self._native_copies(lay):
+            torch.ops.fishkern.scatter_masked_(
+                [lay.params[i] for i in selected],
+                lay.flat_mem_indices,
+                [lay.starts[i] for i in selected],
+                [lay.starts[i + 1] for i in selected],
+                values,
+            )
+            return
+        for i in selected:
+            p = lay.params[i]
+            flat_memory_view(p).index_put_((lay.mem_indices[i],), values[lay.slice(i)].to(p.dtype))
 
     # --- the Triton path: address tables, one launch per run
     def _triton_tables(self, gi: int, run: Run, has_grad_flat: bool) -> tuple[BlockTable, Tensor, Tensor | None]:

@@ -93,7 +93,7 @@ class MaskedAdamW(MaskedOptimizer):
             self._scalars(group, run.step),
             maximize=group["maximize"],
         )
-        self._scatter_run(gi, run, values)
+        self._scatter_run(gi, run, has_master)
 
     def _update_run_triton(self, gi: int, group: dict[str, Any], run: Run, has_master: bool) -> None:
         from ..ops.adamw_triton import masked_adamw_triton

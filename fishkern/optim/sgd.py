@@ -80,7 +80,7 @@ class MaskedSGD(MaskedOptimizer):
             maximize=group["maximize"],
             first_step=run.step == 1,
         )
-        self._scatter_run(gi, run, values)
+        self._scatter_run(gi, run, has_master)
 
     def _update_run_triton(self, gi: int, group: dict[str, Any], run: Run, has_master: bool) -> None:
         from ..ops.sgd_triton import masked_sgd_triton
