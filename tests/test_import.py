@@ -1,0 +1,53 @@
+"""`import fishkern` must not need a GPU, call torch.cuda, import triton or load the native library."""
+import subprocess
+import sys
+
+CHECK = r"""
+import sys, torch
+def boom(*a, **k):
+    raise AssertionError("torch.cuda was called at import time")
+for name in ("is_available", "device_count", "get_device_capability", "get_device_properties", "current_device", "init"):
+    setattr(torch.cuda, name, boom)
+import fishkern, fishkern.optim, fishkern.mask, fishkern.topk, fishkern.ops
+assert "triton" not in sys.modules, "triton was imported at import time"
+from fishkern import _native
+assert _native._load.cache_info().currsize == 0, "the native library was loaded at import time"
+print("ok")
+"""
+
+
+def test_import_is_cheap_and_gpu_free():
+    out = subprocess.run([sys.executable, "-c", CHECK], capture_output=True, text=True, env={"TRITON_INTERPRET": "0", "PATH": ""})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+
+
+def test_optimizer_works_without_the_native_extension(monkeypatch):
+    """FISHKERN_NO_NATIVE installs: the optimizers fall back to index_select / index_put_."""
+    import torch
+
+    import fishkern
+    from fishkern import _native
+
+    monkeypatch.setattr(_native, "native_available", lambda: False)
+    monkeypatch.setattr(fishkern.optim._masked, "native_available", lambda: False)
+    p = torch.nn.Parameter(torch.randn(6, 5))
+    opt = fishkern.MaskedSGD([p], [torch.tensor([1, 7, 29])], lr=0.5)
+    before = p.detach().clone()
+    p.grad = torch.ones_like(p)
+    opt.step()
+    assert opt._native is False
+    changed = (p.detach() != before).reshape(-1).nonzero().squeeze(1)
+    assert changed.tolist() == [1, 7, 29]
+
+
+def test_native_op_without_extension_says_how_to_build(monkeypatch):
+    import pytest
+    import torch
+
+    from fishkern import _native
+    from fishkern.topk import ops
+
+    monkeypatch.setattr(_native, "_load", lambda: None)
+    with pytest.raises(_native.NativeExtensionMissing, match="pip install --no-build-isolation -e ."):
+        ops.global_topk([torch.rand(4)], 1)
