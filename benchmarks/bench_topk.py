@@ -63,6 +63,27 @@ def measure(fn, device, reps):
     return statistics.median(times), min(times), extra
 
 
+def agreement(scores, ours, k) -> str:
+    """Compare with torch.topk on the concatenation. fp32 scores repeat at this size, so the two may
+    differ only by which entries equal to the threshold they keep: ours must keep the lowest indices."""
+    offsets = torch.tensor([0] + [s.numel() for s in scores]).cumsum(0)[:-1].to(scores[0].device)
+    ours_global = torch.cat([i + o for i, o in zip(ours, offsets)])
+    flat = torch.cat([s.reshape(-1) for s in scores])
+    ref = torch.topk(flat, k, sorted=False)
+    if k == 0:
+        return "same set"
+    only_ours = ours_global[~torch.isin(ours_global, ref.indices)]
+    only_ref = ref.indices[~torch.isin(ref.indices, ours_global)]
+    if only_ours.numel() == 0:
+        return "same set"
+    thr = ref.values.min()
+    ties_only = bool((flat[only_ours] == thr).all() and (flat[only_ref] == thr).all())
+    lowest = bool(only_ours.max() < only_ref.min())
+    if ties_only and lowest:
+        return f"same up to {only_ours.numel()} threshold ties (ours: lowest indices)"
+    return f"DIFFERENT ({only_ours.numel()} entries)"
+
+
 def run_model(name, args, device):
     shapes = shapes_of(name, args.quick)
     scores = make_scores(shapes, device)
@@ -85,11 +106,7 @@ def run_model(name, args, device):
             row["torch.topk"] = measure(topk_concat, device, args.baseline_reps)
             if device.type == "cpu":  # kthvalue has no CUDA kernel for tensors this large in one call
                 row["torch.kthvalue"] = measure(kth_concat, device, args.baseline_reps)
-            # the same set as torch.topk (continuous scores: no ties at the threshold in practice)
-            offsets = torch.tensor([0] + [s.numel() for s in scores]).cumsum(0)[:-1].to(device)
-            ours_global = torch.cat([i + o for i, o in zip(ours, offsets)])
-            ref = torch.sort(topk_concat()).values
-            row["same_set_as_torch_topk"] = bool(torch.equal(ours_global, ref))
+            row["agrees_with_torch_topk"] = agreement(scores, ours, k)
         rows.append(row)
         t = row["fishkern"][0]
         print(
@@ -129,7 +146,7 @@ def markdown(rows, env, args, device):
         "first (concatenation included in their time). Times are medians; extra memory is the peak above the "
         "scores themselves (CPU: peak RSS, CUDA: peak allocated).",
         "",
-        "| model | density | k | fishkern | extra mem | torch.topk (cat) | extra mem | speed-up | torch.kthvalue (cat) | speed-up | same set as topk |",
+        "| model | density | k | fishkern | extra mem | torch.topk (cat) | extra mem | speed-up | torch.kthvalue (cat) | speed-up | selection vs torch.topk |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -140,7 +157,7 @@ def markdown(rows, env, args, device):
             f"| {r['model']} | {r['density']:.2%} | {r['k']:,} | {f[0] * 1e3:,.1f} ms | {fmt_bytes(f[2])} | "
             + (f"{tk[0] * 1e3:,.0f} ms | {fmt_bytes(tk[2])} | {tk[0] / f[0]:.1f}× | " if tk else "– | – | – | ")
             + (f"{kv[0] * 1e3:,.0f} ms | {kv[0] / f[0]:.1f}× | " if kv else "– | – | ")
-            + f"{r.get('same_set_as_torch_topk', '–')} |"
+            + f"{r.get('agrees_with_torch_topk', '–')} |"
         )
     if device.type == "cuda":
         lines += ["", "| model | density | effective GB/s (one read) | fraction of peak |", "|---|---|---|---|"]

@@ -83,6 +83,7 @@ def test_random_mask_is_seeded_and_exact():
     assert a != c
     assert a.k == c.k == math.floor(0.1 * total)
     assert a.provenance["seed"] == 3
+    assert a.provenance["model"] == {"class": "Sequential", "name_or_path": None, "num_parameters": total}
 
 
 def test_bitfit_mask():

@@ -213,7 +213,9 @@ def test_native_gather_scatter_ops_directly():
     flat_idx = torch.cat(idx).int()
     begins, ends = [0, 3, 5], [3, 5, 6]
     out = torch.zeros(6)
-    torch.ops.fishkern.gather_masked(tensors, flat_idx, begins, ends, out)
+    from fishkern.ops.masked_copy import gather_masked
+
+    gather_masked(tensors, flat_idx, begins, ends, out)
     want = torch.cat([t.reshape(-1)[i].float() for t, i in zip(tensors, idx)])
     assert torch.equal(out, want)
     values = torch.randn(6, generator=g)
@@ -224,3 +226,8 @@ def test_native_gather_scatter_ops_directly():
         torch.ops.fishkern.gather_masked(tensors, flat_idx, [0, 3, 5], [3, 5, 7], out)
     with pytest.raises(RuntimeError, match="one entry per tensor"):
         torch.ops.fishkern.gather_masked(tensors, flat_idx, [0, 3], [3, 5], out)
+    for op, args in (
+        (torch.ops.fishkern.gather_masked.default, (tensors, flat_idx, begins, ends, torch.zeros(6))),
+        (torch.ops.fishkern.scatter_masked_.default, ([t.clone() for t in tensors], flat_idx, begins, ends, values)),
+    ):
+        torch.library.opcheck(op, args)

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from ..topk import global_topk
-from .fishmask import FishMask, ParamsLike, _numel, named_shapes, new_mask
+from .fishmask import FishMask, ParamsLike, _numel, model_identity, named_shapes, new_mask
 
 
 def match_names(names: Sequence[str], patterns: Sequence[str] | str) -> list[str]:
@@ -118,7 +118,7 @@ def random_mask(
     forced, competing = _split_forced(shapes, force, exclude)
     gen = torch.Generator().manual_seed(seed)
     scores = [torch.rand(shapes[n], generator=gen) for n in competing]
-    prov = {"method": "random", "density": density, "k": k, "seed": seed, **(provenance or {})}
+    prov = {"method": "random", "density": density, "k": k, "seed": seed, "model": model_identity(params), **(provenance or {})}
     return _select(shapes, forced, competing, scores, k, prov)
 
 
@@ -129,7 +129,7 @@ def bitfit_mask(
     shapes = named_shapes(params)
     forced = match_names(list(shapes), head) if head else []
     selected = {n: torch.arange(_numel(s)) for n, s in shapes.items() if n.endswith("bias") or n in forced}
-    return new_mask(shapes, selected, forced, {"method": "bitfit", **(provenance or {})})
+    return new_mask(shapes, selected, forced, {"method": "bitfit", "model": model_identity(params), **(provenance or {})})
 
 
 def from_boolean(

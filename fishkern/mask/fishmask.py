@@ -39,6 +39,18 @@ def named_shapes(params: ParamsLike) -> dict[str, tuple[int, ...]]:
     return out
 
 
+def model_identity(params: ParamsLike) -> dict[str, Any] | None:
+    """What a provenance record can say about the model: class, Hugging Face name or path, size."""
+    if not isinstance(params, torch.nn.Module):
+        return None
+    config = getattr(params, "config", None)
+    return {
+        "class": type(params).__name__,
+        "name_or_path": getattr(config, "_name_or_path", None) or None,
+        "num_parameters": sum(p.numel() for p in params.parameters()),
+    }
+
+
 def _numel(shape: tuple[int, ...]) -> int:
     n = 1
     for s in shape:

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from .._native import native_available
 from ..mask.fishmask import FishMask
+from ..ops.masked_copy import gather_masked, scatter_masked_
 from ..ops._triton import triton_installed, triton_interpreting, triton_usable_on
 from ..ops.multi_tensor import AddressTable, BlockTable, build_block_table
 from ._layout import GroupLayout, build_group_layout, flat_memory_view
@@ -351,7 +352,7 @@ class MaskedOptimizer(torch.optim.Optimizer):
                 else:
                     self._gather_grad(lay, i, g, grad[lay.slice(i)], accumulate=False)
         if batched:
-            torch.ops.fishkern.gather_masked(
+            gather_masked(
                 [lay.params[i].grad for i in batched],
                 lay.flat_mem_indices,
                 [lay.starts[i] for i in batched],
@@ -366,7 +367,7 @@ class MaskedOptimizer(torch.optim.Optimizer):
             values = rt.work
             selected = [i for i in run.positions if lay.k(i)]
             if native:
-                torch.ops.fishkern.gather_masked(
+                gather_masked(
                     [lay.params[i] for i in selected],
                     lay.flat_mem_indices,
                     [lay.starts[i] for i in selected],
@@ -390,7 +391,7 @@ class MaskedOptimizer(torch.optim.Optimizer):
         values = rt.buffers["master"] if has_master else rt.work
         selected = [i for i in run.positions if lay.k(i)]
         if self._native_copies(lay):
-            torch.ops.fishkern.scatter_masked_(
+            scatter_masked_(
                 [lay.params[i] for i in selected],
                 lay.flat_mem_indices,
                 [lay.starts[i] for i in selected],
