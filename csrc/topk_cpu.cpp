@@ -69,6 +69,31 @@ inline void find_bucket(const std::vector<int64_t>& hist, int64_t k, uint32_t* b
   TORCH_CHECK(false, "topk_select: internal error, histogram holds fewer than k entries");
 }
 
+// Fix the digits below the top one. `fill_hist(d, prefix, hist)` must count, by digit d, every key
+// whose bits above digit d equal `prefix`. Starts from top bucket b0 holding `count` keys, of which
+// the r largest are wanted; stops early once a whole bucket is wanted. Returns the selection rule.
+template <typename FillHist>
+Rule resolve_low_digits(uint32_t b0, int64_t count, int64_t r, FillHist&& fill_hist) {
+  uint32_t prefix = b0;
+  int fixed = 1;
+  for (int d = 1; d < 3 && count != r; ++d) {
+    std::vector<int64_t> hist(size_t(1) << kBits[d], 0);
+    fill_hist(d, prefix, hist);
+    uint32_t b;
+    int64_t above;
+    find_bucket(hist, r, &b, &above);
+    r -= above;
+    count = hist[b];
+    prefix = (prefix << kBits[d]) | b;
+    fixed = d + 1;
+  }
+  int low = 32;  // key bits below the fixed prefix
+  for (int d = 0; d < fixed; ++d) low -= kBits[d];
+  const int64_t lowest = static_cast<int64_t>(prefix) << low;
+  // A whole bucket wanted: every key >= its lowest key (keys above it are all wanted anyway).
+  return count == r ? Rule{lowest - 1, 0} : Rule{lowest, r};
+}
+
 }  // namespace
 
 std::vector<at::Tensor> topk_select_cpu(at::TensorList scores, int64_t k) {
@@ -135,15 +160,6 @@ std::vector<at::Tensor> topk_select_cpu(at::TensorList scores, int64_t k) {
 
   // Per chunk, the selected local indices in ascending order, filled by either path.
   std::vector<std::vector<int64_t>> picked(n_chunks);
-  // Number of key bits fixed by the rule (the rule's threshold is prefix << (32 - fixed_bits)).
-  auto to_rule = [](uint32_t prefix, int digits_fixed, int64_t ties, bool whole_bucket) {
-    int low = 32;
-    for (int d = 0; d < digits_fixed; ++d) low -= kBits[d];
-    const int64_t lowest = static_cast<int64_t>(prefix) << low;
-    // A whole bucket selected: everything >= its lowest key, no ties needed.
-    return whole_bucket ? Rule{lowest - 1, 0} : Rule{lowest, ties};
-  };
-
   const int64_t collect_limit = std::max<int64_t>(4 * k, total / 16);
   if (count0 <= collect_limit) {
     // ---- pass 2: collect sure picks and candidates of the threshold bucket
@@ -166,23 +182,11 @@ std::vector<at::Tensor> topk_select_cpu(at::TensorList scores, int64_t k) {
       }
     });
     // ---- resolve the remaining digits on the candidates
-    uint32_t prefix = b0;
-    int64_t count = count0, r = r0;
-    int digits_fixed = 1;
-    for (int d = 1; d < 3 && count != r; ++d) {
-      std::vector<int64_t> hist(size_t(1) << kBits[d], 0);
+    const Rule rule = resolve_low_digits(b0, count0, r0, [&](int d, uint32_t prefix, std::vector<int64_t>& hist) {
       for (int64_t c = 0; c < n_chunks; ++c)
         for (uint32_t key : cand_key[c])
           if (high_bits(key, d) == prefix) ++hist[digit(key, d)];
-      uint32_t b;
-      int64_t above;
-      find_bucket(hist, r, &b, &above);
-      r -= above;
-      count = hist[b];
-      prefix = (prefix << kBits[d]) | b;
-      digits_fixed = d + 1;
-    }
-    const Rule rule = to_rule(prefix, digits_fixed, r, count == r);
+    });
     // ---- merge each chunk's picks in index order; ties go to the lowest global index
     std::vector<int64_t> ties_before(n_chunks + 1, 0);
     for (int64_t c = 0; c < n_chunks; ++c) {
@@ -212,11 +216,7 @@ std::vector<at::Tensor> topk_select_cpu(at::TensorList scores, int64_t k) {
     });
   } else {
     // ---- degenerate bucket: rescan for the remaining digits (memory stays O(k))
-    uint32_t prefix = b0;
-    int64_t count = count0, r = r0;
-    int digits_fixed = 1;
-    for (int d = 1; d < 3 && count != r; ++d) {
-      std::vector<int64_t> hist(size_t(1) << kBits[d], 0);
+    const Rule rule = resolve_low_digits(b0, count0, r0, [&](int d, uint32_t prefix, std::vector<int64_t>& hist) {
       at::parallel_for(0, n_chunks, 1, [&](int64_t cb, int64_t ce) {
         std::vector<int64_t> local(hist.size(), 0);
         for (int64_t c = cb; c < ce; ++c) {
@@ -224,21 +224,13 @@ std::vector<at::Tensor> topk_select_cpu(at::TensorList scores, int64_t k) {
           const float* p = ptrs[ch.tensor];
           for (int64_t j = ch.begin; j < ch.end; ++j) {
             const uint32_t key = order_key(p[j]);
-            if ((key >> kShift[0]) == b0 && high_bits(key, d) == prefix) ++local[digit(key, d)];
+            if (high_bits(key, d) == prefix) ++local[digit(key, d)];
           }
         }
         std::lock_guard<std::mutex> lock(mu);
         for (size_t b = 0; b < local.size(); ++b) hist[b] += local[b];
       });
-      uint32_t b;
-      int64_t above;
-      find_bucket(hist, r, &b, &above);
-      r -= above;
-      count = hist[b];
-      prefix = (prefix << kBits[d]) | b;
-      digits_fixed = d + 1;
-    }
-    const Rule rule = to_rule(prefix, digits_fixed, r, count == r);
+    });
     // counting pass: ties per chunk, for the global tie order
     std::vector<int64_t> ties_before(n_chunks + 1, 0);
     at::parallel_for(0, n_chunks, 1, [&](int64_t cb, int64_t ce) {

@@ -125,6 +125,10 @@ class GroupLayout:
     def slice(self, i: int) -> slice:
         return slice(self.starts[i], self.starts[i + 1])
 
+    def segments(self, positions: list[int]) -> tuple[list[int], list[int]]:
+        """(begins, ends) of these tensors' slices of the flat buffers."""
+        return [self.starts[i] for i in positions], [self.starts[i + 1] for i in positions]
+
 
 def build_group_layout(params: list[Tensor], masks: list[Tensor], group_no: int) -> GroupLayout:
     """Validate a group's parameters and masks and lay their entries out in flat buffers."""

@@ -352,13 +352,7 @@ class MaskedOptimizer(torch.optim.Optimizer):
                 else:
                     self._gather_grad(lay, i, g, grad[lay.slice(i)], accumulate=False)
         if batched:
-            gather_masked(
-                [lay.params[i].grad for i in batched],
-                lay.flat_mem_indices,
-                [lay.starts[i] for i in batched],
-                [lay.starts[i + 1] for i in batched],
-                grad,
-            )
+            gather_masked([lay.params[i].grad for i in batched], lay.flat_mem_indices, *lay.segments(batched), grad)
         if has_master:
             values = rt.buffers["master"]
         else:
@@ -367,13 +361,7 @@ class MaskedOptimizer(torch.optim.Optimizer):
             values = rt.work
             selected = [i for i in run.positions if lay.k(i)]
             if native:
-                gather_masked(
-                    [lay.params[i] for i in selected],
-                    lay.flat_mem_indices,
-                    [lay.starts[i] for i in selected],
-                    [lay.starts[i + 1] for i in selected],
-                    values,
-                )
+                gather_masked([lay.params[i] for i in selected], lay.flat_mem_indices, *lay.segments(selected), values)
             else:
                 for i in selected:
                     src = flat_memory_view(lay.params[i])
@@ -391,13 +379,7 @@ class MaskedOptimizer(torch.optim.Optimizer):
         values = rt.buffers["master"] if has_master else rt.work
         selected = [i for i in run.positions if lay.k(i)]
         if self._native_copies(lay):
-            scatter_masked_(
-                [lay.params[i] for i in selected],
-                lay.flat_mem_indices,
-                [lay.starts[i] for i in selected],
-                [lay.starts[i + 1] for i in selected],
-                values,
-            )
+            scatter_masked_([lay.params[i] for i in selected], lay.flat_mem_indices, *lay.segments(selected), values)
             return
         for i in selected:
             p = lay.params[i]
