@@ -368,6 +368,19 @@ def environment(device: torch.device) -> dict[str, object]:
         env["fishkern"] = fishkern.__version__
     except Exception:
         env["fishkern"] = None
+    try:  # whether fishkern's compiled CPU ops (multi-tensor gather/scatter) are loaded
+        from fishkern._native import native_available
+
+        env["fishkern_native_ops"] = bool(native_available())
+    except Exception:
+        env["fishkern_native_ops"] = None
+    try:  # what torch.optim does with foreach=None, fused=None for this device (private helper)
+        from torch.optim.optimizer import _default_to_fused_or_foreach
+
+        _, foreach = _default_to_fused_or_foreach([torch.zeros(1, device=device)], differentiable=False, use_fused=False)
+        env["torch_default_foreach"] = "foreach" if foreach else "for-loop"
+    except Exception:
+        env["torch_default_foreach"] = None
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         env["gpu"] = props.name

@@ -95,11 +95,11 @@ SGD_VALUE_BYTES = 4 * (3 + 2)
 
 MEMORY_CONFIGS = {
     # name: (optimizer family, description)
-    "adamw_dense": ("adamw", "torch.optim.AdamW (default foreach)"),
+    "adamw_dense": ("adamw", "torch.optim.AdamW (torch's default foreach/for-loop choice)"),
     "adamw_original": ("adamw", "original FISH: dense AdamW + grad.mul_(dense mask)"),
     "masked_adamw": ("adamw", "MaskedAdamW"),
     "masked_adamw_free": ("adamw", "MaskedAdamW(free_dense_grads=True)"),
-    "sgd_dense": ("sgd", "torch.optim.SGD (default foreach)"),
+    "sgd_dense": ("sgd", "torch.optim.SGD (torch's default foreach/for-loop choice)"),
     "sgd_original": ("sgd", "original FISH: dense SGD + grad.mul_(dense mask)"),
     "masked_sgd": ("sgd", "MaskedSGD"),
     "masked_sgd_free": ("sgd", "MaskedSGD(free_dense_grads=True)"),
@@ -339,6 +339,13 @@ def bench_model(name: str, args, device: torch.device, profiles: list[str]) -> d
     dense_masks = dense_float_masks(params, masks)
     del masks
     mask_bytes = sum(m.numel() * m.element_size() for m in dense_masks)
+    def mask_grads():
+        for p, m in zip(params, dense_masks):
+            p.grad.mul_(m)
+
+    res = measure(f"{name} original FISH: grad.mul_(mask) alone", mask_grads, device, dw, ds)
+    out["dense"].append({"optimizer": "any", "variant": "mask-multiply", "kwargs": {}, "mask_density_pct": MEMORY_DENSITY_PCT, "warmup": dw,
+                         "steps": ds, **res, "state_bytes": 0, "mask_bytes": mask_bytes, "error": None})
     for fam in families:
         opt = torch.optim.AdamW(params, lr=ADAMW_LR) if fam == "adamw" else torch.optim.SGD(params, **SGD_KW)
 
@@ -355,7 +362,7 @@ def bench_model(name: str, args, device: torch.device, profiles: list[str]) -> d
                              "error": None})
         del opt, original_step
         free_memory()
-    del dense_masks, params, model
+    del dense_masks, params, model, mask_grads
     free_memory()
     return out
 
@@ -482,6 +489,30 @@ def speedup(base: dict[str, Any] | None, masked_s: float) -> float | None:
     return base["median_s"] / masked_s
 
 
+def baseline_rows(fam: str, dense: dict, env: dict[str, Any]) -> list[list[str]]:
+    torch_name = "torch.optim.AdamW" if fam == "adamw" else "torch.optim.SGD"
+    default = env.get("torch_default_foreach")
+    rows = []
+    for v in ("foreach", "for-loop", "fused", "original", "mask-multiply"):
+        d = dense.get((fam, v)) or dense.get(("any", v))
+        if v == "original":
+            label = f"original FISH: {torch_name}() default ({default}) + grad.mul_(dense mask)"
+        elif v == "mask-multiply":
+            label = "… of which grad.mul_(dense mask) over all parameters"
+        else:
+            label = f"{torch_name} {v}"
+        if d is None or d.get("median_s") is None:
+            rows.append([label, "n/a" + (f" ({d['error']})" if d and d.get("error") else ""), "", ""])
+            continue
+        state = fmt_bytes(d["state_bytes"])
+        if v == "original":
+            state += f" + {fmt_bytes(d['mask_bytes'])} masks"
+        elif v == "mask-multiply":
+            state = f"({fmt_bytes(d['mask_bytes'])} masks)"
+        rows.append([label, fmt_ms(d["median_s"]) + dag(d), fmt_ms(d["min_s"]), state])
+    return rows
+
+
 def dag(entry: dict[str, Any]) -> str:
     return " †" if entry.get("disturbed") else ""
 
@@ -493,7 +524,7 @@ def render(report: dict[str, Any]) -> str:
         f"# fishkern masked optimizer benchmark — {dev}",
         "",
         f"- device: {env['device_description']}",
-        f"- python {env['python']}, torch {env['torch']}, triton {env['triton']}, transformers {env['transformers']}, fishkern {env['fishkern']} (git {report['git']}, sources sha256 {report['fishkern_source_sha256']})",
+        f"- python {env['python']}, torch {env['torch']}, triton {env['triton']}, transformers {env['transformers']}, fishkern {env['fishkern']} (native CPU ops: {env.get('fishkern_native_ops')}; git {report['git']}, sources sha256 {report['fishkern_source_sha256']})",
         f"- command: `{report['command']}`",
         f"- timestamp: {report['timestamp']}",
         f"- timing: {report['timing_method']}; masked: {report['settings']['masked_warmup']} warm-up + {report['settings']['steps']} timed steps, "
@@ -518,16 +549,7 @@ def render(report: dict[str, Any]) -> str:
                 continue
             base_names = [("foreach", "foreach"), ("for-loop", "for-loop"), ("fused", "fused"), ("original", "original FISH")]
             lines += [f"### {title}: step time (median), speed-up of {opt_name}", ""]
-            lines.append(md_table(
-                ["baseline (dense, any density)", "median", "min", "state bytes"],
-                [[f"{'torch.optim.AdamW' if fam == 'adamw' else 'torch.optim.SGD'} {lbl}" if v != "original" else
-                  f"original FISH (dense {'AdamW' if fam == 'adamw' else 'SGD'} + grad.mul_(mask))",
-                  fmt_ms(dense[(fam, v)]["median_s"]) + dag(dense[(fam, v)]) if (fam, v) in dense else "n/a",
-                  fmt_ms(dense[(fam, v)]["min_s"]) if (fam, v) in dense else "n/a",
-                  (fmt_bytes(dense[(fam, v)]["state_bytes"]) + (f" + {fmt_bytes(dense[(fam, v)]['mask_bytes'])} masks" if v == "original" else ""))
-                  if (fam, v) in dense and dense[(fam, v)]["state_bytes"] is not None else "n/a"]
-                 for v, lbl in base_names]))
-            lines.append("")
+            lines += [md_table(["baseline (dense, any density)", "median", "min", "state bytes"], baseline_rows(fam, dense, env)), ""]
             show_bw = True
             hdr = ["density", "k", f"{opt_name} median", "min"] + [f"vs {lbl}" for _, lbl in base_names] + ["GB/s (model)"]
             if report["settings"]["peak_gbps"]:
@@ -593,15 +615,15 @@ def write_csv(report: dict[str, Any], path: Path, mem_path: Path) -> None:
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["model", "optimizer", "variant", "density_pct", "k", "median_ms", "min_ms", "n_samples", "state_bytes", "mask_bytes",
-                    "speedup_vs_masked_or_none", "error"])
+                    "disturbed", "error"])
         for m in report["models"]:
             for e in m["masked"]:
                 w.writerow([m["model"], e["optimizer"], "masked", e["density_pct"], e["k"], e["median_s"] * 1e3, e["min_s"] * 1e3,
-                            len(e["samples_s"]), e["state_bytes"], 0, "", ""])
+                            len(e["samples_s"]), e["state_bytes"], 0, e.get("disturbed", ""), ""])
             for d in m["dense"]:
                 w.writerow([m["model"], d["optimizer"], d["variant"], d.get("mask_density_pct", ""), "",
                             "" if d["median_s"] is None else d["median_s"] * 1e3, "" if d["min_s"] is None else d["min_s"] * 1e3,
-                            len(d["samples_s"]), d["state_bytes"], d.get("mask_bytes", ""), "", d.get("error") or ""])
+                            len(d["samples_s"]), d["state_bytes"], d.get("mask_bytes", ""), d.get("disturbed", ""), d.get("error") or ""])
     if report.get("memory"):
         with open(mem_path, "w", newline="") as f:
             w = csv.writer(f)

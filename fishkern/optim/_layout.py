@@ -114,6 +114,8 @@ class GroupLayout:
     flat_indices: Tensor = field(repr=False)
     flat_mem_indices: Tensor = field(repr=False)
     contiguous: list[bool] = field(default_factory=list)
+    trainable: list[int] = field(default_factory=list)  # positions with k_i > 0, in order
+    rank: dict[int, int] = field(default_factory=dict)  # position -> its index in `trainable`
 
     @property
     def total(self) -> int:
@@ -193,4 +195,6 @@ def build_group_layout(params: list[Tensor], masks: list[Tensor], group_no: int)
         flat_indices=flat_indices,
         flat_mem_indices=flat_mem,
         contiguous=contiguous,
+        trainable=[i for i in range(len(params)) if starts[i + 1] > starts[i]],
+        rank={i: r for r, i in enumerate(i for i in range(len(params)) if starts[i + 1] > starts[i])},
     )

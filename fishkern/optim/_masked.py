@@ -58,6 +58,7 @@ class _GroupRuntime:
         self.grad_addr: AddressTable | None = None
         self.strides = [p.stride() for p in layout.params]
         self.shapes = [p.shape for p in layout.params]
+        self.trainable_index: Tensor | None = None
 
 
 class MaskedOptimizer(torch.optim.Optimizer):
@@ -243,9 +244,8 @@ class MaskedOptimizer(torch.optim.Optimizer):
     def _active(self, gi: int) -> list[int]:
         lay, rt = self._layouts[gi], self._runtime[gi]
         active = []
-        for i, p in enumerate(lay.params):
-            if lay.k(i) == 0:
-                continue
+        for i in lay.trainable:
+            p = lay.params[i]
             if rt.grad_ready[i] or p.grad is not None:
                 if p.stride() != rt.strides[i] or p.shape != rt.shapes[i] or p.device != lay.device:
                     raise RuntimeError(
@@ -259,13 +259,12 @@ class MaskedOptimizer(torch.optim.Optimizer):
     def _runs(self, lay: GroupLayout, rt: _GroupRuntime, active: list[int]) -> list[Run]:
         """Split active tensors into maximal runs sharing (step, dtype) with no active gap."""
         runs: list[Run] = []
-        prev = None
+        prev = -1
         for i in active:
             p = lay.params[i]
             step = rt.steps[i]
-            if runs and prev is not None and step == runs[-1].step and p.dtype == runs[-1].dtype and all(
-                lay.k(j) == 0 for j in range(prev + 1, i)
-            ):
+            # extend the run only if no trainable tensor between prev and i was left out
+            if runs and step == runs[-1].step and p.dtype == runs[-1].dtype and lay.rank[i] == lay.rank[prev] + 1:
                 runs[-1].last = i
                 runs[-1].end = lay.starts[i + 1]
             else:
@@ -307,7 +306,12 @@ class MaskedOptimizer(torch.optim.Optimizer):
             else:
                 self._update_run_torch(gi, group, run, has_master)
         # keep state['step'] (torch's float32 CPU scalars) in sync in one op
-        rt.step_tensor[torch.tensor(active)] = torch.tensor([float(rt.steps[i]) for i in active])
+        if len(active) == len(lay.trainable) and all(rt.steps[i] == rt.steps[active[0]] for i in active):
+            if rt.trainable_index is None:
+                rt.trainable_index = torch.tensor(lay.trainable, dtype=torch.int64)
+            rt.step_tensor.index_fill_(0, rt.trainable_index, float(rt.steps[active[0]]))
+        else:
+            rt.step_tensor[torch.tensor(active)] = torch.tensor([float(rt.steps[i]) for i in active])
         for i in new_state:
             self._publish_state(gi, i)
         if any(rt.grad_ready):
