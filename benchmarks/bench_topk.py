@@ -144,7 +144,7 @@ def markdown(rows, env, args, device):
         f"- timestamp: {env['timestamp']}",
         "- scores: log-normal exp(4·N(0,1)) fp32, one tensor per parameter of the model; baselines concatenate "
         "first (concatenation included in their time). Times are medians; extra memory is the peak above the "
-        "scores themselves (CPU: peak RSS, CUDA: peak allocated).",
+        "scores themselves (CUDA: peak allocated; CPU: growth of the peak RSS, a LOWER BOUND only, since the process reuses memory freed by earlier rows: read the large rows, e.g. torch.topk's 6.4 GB concatenation + sort buffers, not the zeros).",
         "",
         "| model | density | k | fishkern | extra mem | torch.topk (cat) | extra mem | speed-up | torch.kthvalue (cat) | speed-up | selection vs torch.topk |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
