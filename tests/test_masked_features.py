@@ -231,3 +231,28 @@ def test_native_gather_scatter_ops_directly():
         (torch.ops.fishkern.scatter_masked_.default, ([t.clone() for t in tensors], flat_idx, begins, ends, values)),
     ):
         torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("free", [False, True])
+def test_clip_grad_norm_matches_torch_on_selected_entries(free):
+    model = _tiny_model()
+    masks = random_masks(list(model.parameters()), density=0.3)
+    ref = SelectedModel(list(model.parameters()), masks)
+    opt = MaskedAdamW(model.parameters(), masks, lr=1e-2, free_dense_grads=free)
+    ref_opt = torch.optim.AdamW(ref.params, lr=1e-2, foreach=False)
+    for step in range(3):
+        x, y = torch.randint(0, 11, (5, 4)), torch.randint(0, 3, (5,))
+        opt.zero_grad()
+        ref_model = _tiny_model()
+        ref_model.load_state_dict(model.state_dict())
+        _loss(model, x, y).backward()
+        _loss(ref_model, x, y).backward()
+        ref.set_grads([p.grad for p in ref_model.parameters()])
+        norm = opt.clip_grad_norm_(0.05)
+        ref_norm = torch.nn.utils.clip_grad_norm_(ref.params, 0.05, foreach=False)
+        torch.testing.assert_close(norm, ref_norm)
+        opt.step()
+        ref_opt.step()
+        for p, m, q in zip(model.parameters(), masks, ref.params):
+            torch.testing.assert_close(selected(p, m), q.detach(), rtol=1e-6, atol=1e-7)
+    assert float(norm) > 0.05, "the test must actually clip"

@@ -434,6 +434,38 @@ class MaskedOptimizer(torch.optim.Optimizer):
     def _update_run_triton(self, gi: int, group: dict[str, Any], run: Run, has_master: bool) -> None:
         raise NotImplementedError
 
+    # ------------------------------------------------------------------ gradient clipping
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False) -> Tensor:
+        """Clip the gradients of the trained entries to a total norm of ``max_norm``, like
+        ``torch.nn.utils.clip_grad_norm_`` on a model whose only parameters are those entries.
+
+        Works with ``free_dense_grads`` (where ``.grad`` is None after backward and
+        ``torch.nn.utils.clip_grad_norm_`` would see nothing). Returns the total norm before clipping.
+        Unselected gradient entries are ignored; call it between ``backward()`` and ``step()``.
+        """
+        pieces = []  # (group, position, flat gradient entries as a view that can be scaled in place)
+        for gi, (lay, rt) in enumerate(zip(self._layouts, self._runtime)):
+            for i in lay.trainable:
+                if rt.grad_ready[i]:
+                    pieces.append(rt.grad[lay.slice(i)])
+                elif lay.params[i].grad is not None:
+                    # gather once, and stash in the flat buffer so step() uses the clipped values
+                    out = self._grad_buffer(gi)[lay.slice(i)]
+                    self._gather_grad(lay, i, lay.params[i].grad, out, accumulate=False)
+                    rt.grad_ready[i] = True
+                    pieces.append(out)
+        if not pieces:
+            return torch.tensor(0.0)
+        norms = [torch.linalg.vector_norm(g, norm_type) for g in pieces]
+        total = torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]), norm_type)
+        if error_if_nonfinite and not torch.isfinite(total):
+            raise RuntimeError(f"the total norm of order {norm_type} of the masked gradients is non-finite")
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        for g in pieces:
+            g.mul_(coef.to(g.device, g.dtype))
+        return total
+
     # ------------------------------------------------------------------ introspection
     def num_masked(self) -> int:
         """Total number of trained entries k over all param groups."""
