@@ -256,3 +256,20 @@ def test_clip_grad_norm_matches_torch_on_selected_entries(free):
         for p, m, q in zip(model.parameters(), masks, ref.params):
             torch.testing.assert_close(selected(p, m), q.detach(), rtol=1e-6, atol=1e-7)
     assert float(norm) > 0.05, "the test must actually clip"
+
+
+def test_loading_a_state_saved_without_masters_into_an_optimizer_with_masters():
+    """The masters start from the parameters' values (not zeros), so training simply continues."""
+    p = torch.nn.Parameter(torch.randn(10).bfloat16())
+    idx = [torch.tensor([1, 4, 7])]
+    plain = MaskedAdamW([p], idx, lr=1e-3, weight_decay=0.0)
+    p.grad = torch.ones_like(p)
+    plain.step()
+    sd = plain.state_dict()
+    with_masters = MaskedAdamW([p], idx, lr=1e-3, weight_decay=0.0, master_weights=True)
+    with_masters.load_state_dict(sd)
+    assert torch.equal(with_masters.state[p]["master"], p.detach()[idx[0]].float())
+    before = p.detach().clone()
+    p.grad = torch.ones_like(p)
+    with_masters.step()
+    assert (p.detach()[idx[0]].float() - before[idx[0]].float()).abs().max() < 0.02  # one small Adam step

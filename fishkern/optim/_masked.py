@@ -556,6 +556,9 @@ class MaskedOptimizer(torch.optim.Optimizer):
             for name, buf in bufs.items():
                 if name in st:
                     buf[sl].copy_(st[name].reshape(-1))
+            if "master" in bufs and "master" not in st and lay.params[i].dtype != lay.state_dtype:
+                # saved without fp32 masters: start them from the parameter's current values
+                bufs["master"][sl].copy_(flat_memory_view(lay.params[i]).index_select(0, lay.mem_indices[i]))
             step = int(st["step"].item() if isinstance(st["step"], Tensor) else st["step"])
             rt.steps[i] = step
             rt.step_tensor[i] = float(step)
