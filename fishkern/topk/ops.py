@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .._native import require_native
+from .._native import NativeExtensionMissing, require_native
 
 _FAKE_REGISTERED = False
 
@@ -68,4 +68,11 @@ def global_topk(scores: Sequence[Tensor], k: int) -> list[Tensor]:
     scores = check_scores(scores, k)
     if not scores:  # the dispatcher needs a tensor to pick a backend
         return []
-    return list(_ensure_op()(scores, k))
+    op = _ensure_op()
+    key = "CUDA" if scores[0].is_cuda else "CPU" if scores[0].device.type == "cpu" else None
+    if key is None or not torch._C._dispatch_has_kernel_for_dispatch_key("fishkern::topk_select", key):
+        raise NativeExtensionMissing(
+            f"global_topk has no kernel for {scores[0].device} tensors in this build"
+            + (" (built without CUDA: rebuild with a CUDA build of torch and nvcc on the PATH)" if key == "CUDA" else "")
+        )
+    return list(op(scores, k))
