@@ -272,7 +272,7 @@ class FishMask:
             shapes = {n: tuple(s) for n, s in json.loads(meta["shapes"]).items()}
             forced = tuple(json.loads(meta["forced"]))
             provenance = json.loads(meta["provenance"])
-        except (KeyError, ValueError) as e:
+        except (KeyError, ValueError, TypeError, AttributeError) as e:
             raise ValueError(f"{path}: damaged mask metadata ({e})") from e
         indices = {}
         for key, t in tensors.items():

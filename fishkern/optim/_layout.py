@@ -144,10 +144,14 @@ def build_group_layout(params: list[Tensor], masks: list[Tensor], group_no: int)
     device = params[0].device
     dtypes = set()
     checked = []
+    seen: set[int] = set()
     for j, (p, m) in enumerate(zip(params, masks)):
-        where = f"param group {group_no}, parameter {j} (shape {tuple(p.shape)})"
         if not isinstance(p, Tensor):
-            raise TypeError(f"{where}: expected a tensor, got {type(p).__name__}")
+            raise TypeError(f"param group {group_no}, parameter {j}: expected a tensor, got {type(p).__name__}")
+        where = f"param group {group_no}, parameter {j} (shape {tuple(p.shape)})"
+        if id(p) in seen:
+            raise ValueError(f"{where} appears twice in the group; give each parameter (and its mask) once")
+        seen.add(id(p))
         if p.device != device:
             raise ValueError(
                 f"{where} is on {p.device} but the group's first parameter is on {device}; "

@@ -35,6 +35,7 @@ class Run:
     end: int
     step: int
     dtype: torch.dtype
+    key: Any = None  # optimizer-specific state that must be equal within a run (see _run_key)
 
     @property
     def positions(self) -> range:
@@ -52,12 +53,16 @@ class _GroupRuntime:
         self.buffers: dict[str, Tensor] = {}
         self.grad: Tensor | None = None  # gathered gradients, [K]
         self.grad_ready = [False] * n  # set by hooks: this tensor's gradient is in self.grad
+        # whether a step has initialised this tensor's history buffers (SGD's momentum buffer
+        # starts as a copy of the gradient, whenever momentum first applies to the tensor)
+        self.started = [False] * n
         self.work: Tensor | None = None  # scratch for gathered parameter values, [K]
         self.block_table: BlockTable | None = None
         self.param_addr: AddressTable | None = None
         self.grad_addr: AddressTable | None = None
         self.strides = [p.stride() for p in layout.params]
         self.shapes = [p.shape for p in layout.params]
+        self.dtypes = [p.dtype for p in layout.params]
         self.trainable_index: Tensor | None = None
 
 
@@ -93,8 +98,13 @@ class MaskedOptimizer(torch.optim.Optimizer):
         self.master_weights = bool(master_weights)
         self.implementation = implementation
         self._native: bool | None = None
-        super().__init__(params, defaults)
+        try:
+            super().__init__(params, defaults)
+        except BaseException:
+            self.remove_grad_hooks()  # a failed construction leaves no hooks or frozen parameters behind
+            raise
         if self._pending_masks:
+            self.remove_grad_hooks()
             raise ValueError(
                 f"mask_indices has {len(self._pending_masks)} more tensors than there are parameters; "
                 "it must hold exactly one index tensor per parameter, in order"
@@ -104,6 +114,11 @@ class MaskedOptimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------------ groups and masks
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         raw = param_group["params"]
+        if isinstance(raw, set):
+            raise TypeError(
+                "optimizer parameters must be an ordered collection (a list), not a set: the masks are "
+                "matched to parameters by position, and a set's order changes between runs"
+            )
         raw = [raw] if isinstance(raw, Tensor) else list(raw)
         param_group["params"] = raw  # torch splits (name, tensor) pairs into params / param_names
         named = bool(raw) and isinstance(raw[0], tuple)
@@ -197,6 +212,8 @@ class MaskedOptimizer(torch.optim.Optimizer):
                     p.requires_grad_(False)
                     self._frozen_by_us.append(p)
                 continue
+            if not p.requires_grad:
+                continue  # gets no gradient; if it is unfrozen later, its .grad is gathered at step()
             self._hooks.append(p.register_post_accumulate_grad_hook(self._make_hook(gi, i)))
 
     def _make_hook(self, gi: int, i: int):
@@ -212,7 +229,13 @@ class MaskedOptimizer(torch.optim.Optimizer):
 
     def remove_grad_hooks(self) -> None:
         """Undo ``free_dense_grads``: remove the hooks and give back requires_grad to the
-        parameters the optimizer froze. Gradients are then gathered at step time."""
+        parameters the optimizer froze. Gradients are then gathered at step time. Call it between
+        steps, not while gradients gathered by the hooks wait for ``step()``."""
+        if any(any(rt.grad_ready) for rt in self._runtime):
+            raise RuntimeError(
+                "remove_grad_hooks() was called while gradients gathered by the hooks wait for step(); "
+                "call it after step() or zero_grad()"
+            )
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
@@ -247,41 +270,64 @@ class MaskedOptimizer(torch.optim.Optimizer):
         for i in lay.trainable:
             p = lay.params[i]
             if rt.grad_ready[i] or p.grad is not None:
-                if p.stride() != rt.strides[i] or p.shape != rt.shapes[i] or p.device != lay.device:
+                if (
+                    p.stride() != rt.strides[i]
+                    or p.shape != rt.shapes[i]
+                    or p.device != lay.device
+                    or p.dtype != rt.dtypes[i]
+                ):
                     raise RuntimeError(
-                        f"param group {gi}, parameter {i} (shape {tuple(p.shape)}) changed its shape, memory layout "
-                        "or device after the optimizer was built (e.g. model.to(...) or a memory_format change); "
+                        f"param group {gi}, parameter {i} (shape {tuple(p.shape)}) changed its shape, memory layout, "
+                        "dtype or device after the optimizer was built (e.g. model.to(...) or a memory_format change); "
                         "build the optimizer after moving the model"
                     )
                 active.append(i)
         return active
 
+    def _run_key(self, rt: _GroupRuntime, i: int) -> Any:
+        """Per-tensor state that must be equal within a run besides step and dtype (subclasses)."""
+        return None
+
     def _runs(self, lay: GroupLayout, rt: _GroupRuntime, active: list[int]) -> list[Run]:
-        """Split active tensors into maximal runs sharing (step, dtype) with no active gap."""
+        """Split active tensors into maximal runs sharing (step, dtype, key) with no active gap."""
         runs: list[Run] = []
         prev = -1
         for i in active:
             p = lay.params[i]
-            step = rt.steps[i]
+            step, key = rt.steps[i], self._run_key(rt, i)
+            last = runs[-1] if runs else None
             # extend the run only if no trainable tensor between prev and i was left out
-            if runs and step == runs[-1].step and p.dtype == runs[-1].dtype and lay.rank[i] == lay.rank[prev] + 1:
-                runs[-1].last = i
-                runs[-1].end = lay.starts[i + 1]
+            if (
+                last is not None
+                and (step, p.dtype, key) == (last.step, last.dtype, last.key)
+                and lay.rank[i] == lay.rank[prev] + 1
+            ):
+                last.last = i
+                last.end = lay.starts[i + 1]
             else:
-                runs.append(Run(i, i, lay.starts[i], lay.starts[i + 1], step, p.dtype))
+                runs.append(Run(i, i, lay.starts[i], lay.starts[i + 1], step, p.dtype, key))
             prev = i
         return runs
 
     def _ensure_buffers(self, gi: int, group: dict[str, Any]) -> dict[str, Tensor]:
+        """The group's per-entry buffers, created (zeroed) on first need. A buffer that appears
+        later (e.g. momentum switched on mid-training) is added to every published state."""
         lay, rt = self._layouts[gi], self._runtime[gi]
+        added = False
+        if self._needs_master(lay) and "master" not in rt.buffers:
+            rt.buffers["master"] = torch.zeros(lay.total, dtype=lay.state_dtype, device=lay.device)
         for name in self._state_buffer_names(group):
             if name not in rt.buffers:
                 rt.buffers[name] = torch.zeros(lay.total, dtype=lay.state_dtype, device=lay.device)
-        if self._needs_master(lay) and "master" not in rt.buffers:
-            rt.buffers["master"] = torch.zeros(lay.total, dtype=lay.state_dtype, device=lay.device)
+                added = True
+        if added:
+            for i, p in enumerate(lay.params):
+                if p in self.state:
+                    self._publish_state(gi, i)
         return rt.buffers
 
     def _needs_master(self, lay: GroupLayout) -> bool:
+        # decided by the dtypes at construction (a dtype change afterwards is refused in _active)
         return self.master_weights and any(p.dtype != lay.state_dtype for p in lay.params)
 
     def _master_for(self, lay: GroupLayout, run: Run) -> bool:
@@ -303,8 +349,13 @@ class MaskedOptimizer(torch.optim.Optimizer):
                 self._init_master(lay, run, bufs["master"])
             if use_triton:
                 self._update_run_triton(gi, group, run, has_master)
+                # the kernel writes through raw pointers: tell autograd, as an in-place op would
+                torch.autograd.graph.increment_version([lay.params[i] for i in run.positions if lay.k(i)])
             else:
                 self._update_run_torch(gi, group, run, has_master)
+            if bufs.keys() - {"master"}:  # history buffers exist (momentum off: SGD has none)
+                for i in run.positions:
+                    rt.started[i] = True
         # keep state['step'] (torch's float32 CPU scalars) in sync in one op
         if len(active) == len(lay.trainable) and all(rt.steps[i] == rt.steps[active[0]] for i in active):
             if rt.trainable_index is None:
@@ -383,7 +434,10 @@ class MaskedOptimizer(torch.optim.Optimizer):
         values = rt.buffers["master"] if has_master else rt.work
         selected = [i for i in run.positions if lay.k(i)]
         if self._native_copies(lay):
-            scatter_masked_([lay.params[i] for i in selected], lay.flat_mem_indices, *lay.segments(selected), values)
+            written = [lay.params[i] for i in selected]
+            scatter_masked_(written, lay.flat_mem_indices, *lay.segments(selected), values)
+            # a raw write: tell autograd, as an in-place torch op would (stale graphs then raise)
+            torch.autograd.graph.increment_version(written)
             return
         for i in selected:
             p = lay.params[i]
@@ -537,7 +591,11 @@ class MaskedOptimizer(torch.optim.Optimizer):
                             f"param group {gi}, parameter {i}: saved '{name}' has {st[name].numel()} entries, "
                             f"the mask selects {lay.k(i)}"
                         )
-                plan.append((gi, i, st))
+                # copies: `st` may hold views of this very optimizer's buffers (a live state_dict())
+                saved = {name: v.detach().clone() for name, v in st.items() if isinstance(v, Tensor) and name != "step"}
+                step = st["step"]
+                saved["step"] = int(step.item() if isinstance(step, Tensor) else step)
+                plan.append((gi, i, saved))
         self.state.clear()
         for gi, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
             for key, value in saved.items():
@@ -548,6 +606,7 @@ class MaskedOptimizer(torch.optim.Optimizer):
             rt.steps = [0] * len(rt.steps)
             rt.step_tensor.zero_()
             rt.grad_ready = [False] * len(rt.grad_ready)
+            rt.started = [False] * len(rt.started)
         touched = set()
         for gi, i, st in plan:
             lay, rt = self._layouts[gi], self._runtime[gi]
@@ -559,8 +618,9 @@ class MaskedOptimizer(torch.optim.Optimizer):
             if "master" in bufs and "master" not in st and lay.params[i].dtype != lay.state_dtype:
                 # saved without fp32 masters: start them from the parameter's current values
                 bufs["master"][sl].copy_(flat_memory_view(lay.params[i]).index_select(0, lay.mem_indices[i]))
-            step = int(st["step"].item() if isinstance(st["step"], Tensor) else st["step"])
+            step = st["step"]
             rt.steps[i] = step
+            rt.started[i] = any(name in st for name in self._state_buffer_names(self.param_groups[gi]))
             rt.step_tensor[i] = float(step)
             touched.add((gi, i))
         for gi, i in sorted(touched):

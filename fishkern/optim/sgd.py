@@ -64,6 +64,11 @@ class MaskedSGD(MaskedOptimizer):
     def _state_buffer_names(self, group: dict[str, Any]) -> list[str]:
         return ["momentum_buffer"] if group["momentum"] != 0 else []
 
+    def _run_key(self, rt, i: int) -> bool:
+        # torch.optim.SGD clones the gradient into a momentum buffer that does not exist yet, at
+        # whatever step momentum first applies; afterwards it decays and adds
+        return rt.started[i]
+
     def _update_run_torch(self, gi: int, group: dict[str, Any], run: Run, has_master: bool) -> None:
         bufs = self._runtime[gi].buffers
         grad, values = self._gather_run(gi, run, has_master)
@@ -78,7 +83,7 @@ class MaskedSGD(MaskedOptimizer):
             nesterov=group["nesterov"],
             weight_decay=group["weight_decay"],
             maximize=group["maximize"],
-            first_step=run.step == 1,
+            first_step=not run.key,
         )
         self._scatter_run(gi, run, has_master)
 
@@ -103,7 +108,7 @@ class MaskedSGD(MaskedOptimizer):
             nesterov=group["nesterov"],
             weight_decay=group["weight_decay"],
             maximize=group["maximize"],
-            first_step=run.step == 1,
+            first_step=not run.key,
             param_dtype=run.dtype,
             state_dtype=lay.state_dtype,
         )
