@@ -1,0 +1,395 @@
+"""The diagonal Fisher estimate: F̂ = Σₙ (∂ℓₙ/∂θ)² over N samples, one squared gradient per sample.
+
+Batched path: the model runs once per batch with its parameters temporarily frozen
+(requires_grad=False), so autograd computes only what back-propagation needs (input gradients),
+never the batch weight gradient. Forward hooks on every module that owns trainable parameters keep
+its input; a hook on its output receives the output gradient during the backward pass, and the
+module's rule (`rules.py`) adds Σₙ Gₙ² for its parameters on the spot.
+
+Loop path (`implementation="loop"`, and the automatic fallback): the original algorithm, one
+forward/backward per sample, squared gradients summed. It is also the reference the tests use.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from ._batches import Batch, parse_batch, right_padded_lengths, take, truncate
+from .losses import check_kind, fisher_terms
+from .rules import DEFAULT_CHUNK_ELEMS, Context, EmbeddingRule, GenericRule, Rule, _Unsupported, rule_for
+
+IMPLEMENTATIONS = ("auto", "torch", "triton", "loop")
+
+
+class _UseLoop(Exception):
+    pass
+
+
+@dataclass
+class FisherResult:
+    """Scores per trainable parameter (model order), and how they were obtained."""
+
+    scores: dict[str, Tensor]
+    num_samples: int
+    kind: str
+    implementation: str  # what actually ran: "torch", "triton" or "loop"
+    seconds: float
+    fallback_reason: str | None = None
+    generic_modules: list[str] = field(default_factory=list)
+
+
+def _acc_dtype(p: Tensor) -> torch.dtype:
+    return torch.float64 if p.dtype == torch.float64 else torch.float32
+
+
+@contextlib.contextmanager
+def _fisher_mode(model: nn.Module, seed: int | None):
+    """Eval mode (dropout off, BatchNorm on running statistics, which are not updated) and parameters
+    frozen; everything restored afterwards, also on error. `.grad` is never touched."""
+    modes = [(m, m.training) for m in model.modules()]
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    devices = [p.device for p in model.parameters() if p.device.type == "cuda"]
+    rng = torch.random.fork_rng(devices=sorted({d.index or 0 for d in devices}), enabled=seed is not None)
+    try:
+        with rng, torch.enable_grad():
+            if seed is not None:
+                torch.manual_seed(seed)
+            model.eval()
+            yield
+    finally:
+        for m, t in modes:
+            m.training = t
+        for p, r in flags:
+            p.requires_grad_(r)
+
+
+def _trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+# ---------------------------------------------------------------------------------- loop path
+def _loop_batch(model, params, acc, b: Batch, kind, loss_fn) -> None:
+    tensors = [p for _, p in params]
+    for i in range(b.size):
+        one = take(b, i, i + 1)
+        out = one.call(model)
+        terms = fisher_terms(out, one, kind, loss_fn)
+        for j, t in enumerate(terms):
+            grads = torch.autograd.grad(t.sum(), tensors, retain_graph=j < len(terms) - 1, allow_unused=True)
+            for (n, _), gr in zip(params, grads):
+                if gr is not None:
+                    acc[n].add_(gr.to(acc[n].dtype).square())
+
+
+# ------------------------------------------------------------------------------- batched path
+class _Call:
+    """One call of a hooked module during a forward: its input, and the output gradients received."""
+
+    __slots__ = ("module", "name", "rule", "args", "kwargs", "versions", "outs", "grads", "lengths")
+
+    def __init__(self, module, name, rule, args, kwargs, lengths):
+        self.module, self.name, self.rule = module, name, rule
+        self.args, self.kwargs, self.lengths = args, kwargs, lengths
+        leaves = [t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, Tensor)]
+        self.versions = [(t, t._version) for t in leaves]
+        self.outs: list[Tensor] = []
+        self.grads: list[Tensor | None] = []
+
+    def check_unmodified(self):
+        for t, v in self.versions:
+            if t._version != v:
+                raise RuntimeError(
+                    f"fishkern Fisher: the input of '{self.name}' was modified in place after its forward; "
+                    "the batched estimate needs it intact (use implementation='loop' for this model)"
+                )
+
+
+class _Engine:
+    def __init__(self, model: nn.Module, params, acc, use_triton: bool, chunk_elems: int):
+        self.model = model
+        self.acc = acc
+        self.ctx = {dt: Context(dt, use_triton, chunk_elems) for dt in (torch.float32, torch.float64)}
+        self.active = False
+        self.batch_size = 0
+        self.lengths_for: tuple[tuple[int, int], Tensor] | None = None
+        self.calls: list[_Call] = []
+        self.generic: list[str] = []
+        trainable = {id(p) for _, p in params}
+        name_of = {id(p): n for n, p in params}
+        self.owned: dict[nn.Module, tuple[str, Rule, dict[str, str]]] = {}
+        owners: dict[int, list[str]] = {}
+        for mname, m in model.named_modules(remove_duplicate=False):
+            own = {pn: name_of[id(p)] for pn, p in m.named_parameters(recurse=False) if id(p) in trainable}
+            for full in own.values():
+                owners.setdefault(full, []).append(mname)
+        shared = {n: o for n, o in owners.items() if len(o) > 1}
+        if shared:
+            n, o = next(iter(shared.items()))
+            raise _UseLoop(f"parameter '{n}' is shared by modules {o} (tied weights)")
+        for mname, m in model.named_modules():
+            own = {pn: name_of[id(p)] for pn, p in m.named_parameters(recurse=False) if id(p) in trainable}
+            if not own:
+                continue
+            try:
+                rule = rule_for(m, mname or type(m).__name__)
+            except _Unsupported as e:
+                raise _UseLoop(str(e)) from None
+            if isinstance(rule, GenericRule):
+                self.generic.append(mname)
+            self.owned[m] = (mname, rule, own)
+        self.handles = [m.register_forward_hook(self._on_forward, with_kwargs=True) for m in self.owned]
+
+    def close(self):
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+    # forward: keep the input, make the output a differentiable node, hook its gradient
+    def _on_forward(self, module, args, kwargs, output):
+        if not self.active:
+            return None
+        name, rule, own = self.owned[module]
+        if any(c.module is module for c in self.calls):
+            raise _UseLoop(f"module '{name}' is called more than once per forward")
+        x = args[0] if args else next(iter(kwargs.values()), None)
+        B = self.batch_size
+        expanded = False
+        if (
+            isinstance(rule, EmbeddingRule) and isinstance(x, Tensor) and isinstance(output, Tensor)
+            and x.dim() > 0 and x.shape[0] == 1 and output.shape[0] == 1 and B > 1
+        ):
+            # ids shared by the batch (BERT's position ids, shape (1, T)): the output is broadcast
+            # over the samples downstream; expanding it here gives each sample its own gradient
+            x = x.expand(B, *x.shape[1:])
+            args, output, expanded = (x,) + tuple(args[1:]), output.expand(B, *output.shape[1:]), True
+        if isinstance(x, Tensor) and (x.dim() == 0 or x.shape[0] != B):
+            raise _UseLoop(
+                f"module '{name}' sees an input of shape {tuple(x.shape)} whose first dimension is not "
+                f"the batch's {self.batch_size} samples"
+            )
+        lengths = None
+        if self.lengths_for is not None and isinstance(x, Tensor) and x.dim() >= 2:
+            if tuple(x.shape[:2]) == self.lengths_for[0]:
+                lengths = self.lengths_for[1]
+        call = _Call(module, name, rule, _detach(args), _detach(kwargs), lengths)
+        self.calls.append(call)
+        leaves, spec = torch.utils._pytree.tree_flatten(output)
+        changed = expanded
+        for i, t in enumerate(leaves):
+            if not (isinstance(t, Tensor) and t.is_floating_point()):
+                continue
+            if not t.requires_grad:
+                # nothing upstream requires grad (parameters are frozen): start the graph here
+                t = t.detach().requires_grad_().clone()
+                leaves[i], changed = t, True
+            slot = len(call.outs)
+            call.outs.append(t)
+            call.grads.append(None)
+            t.register_hook(lambda g, call=call, slot=slot: self._on_grad(call, slot, g))
+        if not call.outs:
+            raise _UseLoop(f"module '{name}' returns no floating-point tensor")
+        return torch.utils._pytree.tree_unflatten(leaves, spec) if changed else None
+
+    def _on_grad(self, call: _Call, slot: int, g: Tensor):
+        if call.rule.exact_batched:
+            call.check_unmodified()
+            with torch.no_grad():
+                call.rule.accumulate(
+                    call.module, call.args, call.kwargs, g, call.lengths, self._acc_of(call), self._ctx_of(call)
+                )
+        else:
+            call.grads[slot] = g if call.grads[slot] is None else call.grads[slot] + g
+
+    def _acc_of(self, call: _Call) -> dict[str, Tensor]:
+        own = self.owned[call.module][2]
+        return {pn: self.acc[full] for pn, full in own.items()}
+
+    def _ctx_of(self, call: _Call) -> Context:
+        return self.ctx[next(iter(self._acc_of(call).values())).dtype]
+
+    def _finish_generic(self):
+        for call in self.calls:
+            if call.rule.exact_batched or all(g is None for g in call.grads):
+                call.grads = [None] * len(call.grads)
+                continue
+            call.check_unmodified()
+            self.active = False  # the functional re-run must not be captured
+            with torch.no_grad():
+                call.rule.accumulate_multi(
+                    call.module, call.args, call.kwargs, call.grads, call.outs, self.batch_size,
+                    self._acc_of(call), self._ctx_of(call),
+                )
+            call.grads = [None] * len(call.grads)
+
+    def run_batch(self, b: Batch, kind, loss_fn):
+        self.calls, self.batch_size = [], b.size
+        mask = b.attention_mask
+        self.lengths_for = None
+        if mask is not None and mask.shape[0] == b.size:
+            lengths = right_padded_lengths(mask)
+            if lengths is not None:
+                self.lengths_for = (tuple(mask.shape), lengths)
+        self.active = True
+        try:
+            out = b.call(self.model)
+        finally:
+            self.active = False
+        try:
+            terms = fisher_terms(out, b, kind, loss_fn)
+            starts = [t for c in self.calls for t in c.outs if t.is_leaf is False and t.grad_fn is not None]
+            for j, term in enumerate(terms):
+                if not term.requires_grad:
+                    raise RuntimeError(
+                        "fishkern Fisher: the loss does not depend on any trainable parameter's module"
+                    )
+                # gradients w.r.t. the hooked outputs only: no parameter gradient is computed or stored
+                torch.autograd.grad(term.sum(), starts, retain_graph=j < len(terms) - 1, allow_unused=True)
+                self._finish_generic()
+        finally:
+            self.calls = []
+
+
+def _detach(obj):
+    return torch.utils._pytree.tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, obj)
+
+
+# ------------------------------------------------------------------------------------ driver
+def estimate_fisher(
+    model: nn.Module,
+    data: Iterable,
+    num_samples: int,
+    *,
+    kind: str = "empirical",
+    loss_fn: Callable | None = None,
+    implementation: str = "auto",
+    seed: int | None = 0,
+    progress: bool = True,
+    chunk_elems: int = DEFAULT_CHUNK_ELEMS,
+) -> FisherResult:
+    """Diagonal Fisher scores of every trainable parameter over the first `num_samples` samples.
+
+    model: any nn.Module; its parameters with requires_grad=True get scores.
+    data: an iterable of batches: Hugging Face-style dicts with "labels" (the model is called with
+        the other entries as keyword arguments) or (inputs, targets) pairs. Batches are moved to the
+        model's device. The estimate stops after exactly `num_samples` samples, cutting the last
+        batch; if the data run out first, it warns and uses what there was.
+    kind: "empirical" (true labels; the paper's default) or "true" (exact expectation over the
+        model's classes, weighted by p(y|x); for a one-output regression head, unit-variance Gaussian).
+        Regression heads (one output, float labels) use the squared error of the sample, as the
+        original code. The loss of every sample is its own: batch size does not change the result.
+    loss_fn: custom per-sample loss, loss_fn(model_output, batch) → tensor of shape (batch_size,).
+    implementation: "auto" (batched; Triton kernel for sequence Linears on CUDA), "torch" (batched,
+        plain PyTorch), "triton" (batched, Triton kernel also on CPU under TRITON_INTERPRET=1, for
+        tests), "loop" (the batch-size-1 reference loop). Models the batched path cannot treat exactly
+        (tied weights, a module called twice per forward, BatchNorm without running statistics,
+        modules that fold the batch dimension) fall back to the loop with a warning.
+    seed: the RNG is seeded inside a forked RNG state (the caller's RNG is untouched); None: unseeded.
+    chunk_elems: bound on per-sample entries alive at once in the PyTorch rules.
+
+    The model is in eval mode during the estimate and restored afterwards; parameters' `.grad` and
+    `requires_grad` are left as they were. Scores are fp32 (fp64 for fp64 parameters).
+    """
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+    check_kind(kind, loss_fn)
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+    params = _trainable(model)
+    if not params:
+        raise ValueError("the model has no trainable parameters (requires_grad=True)")
+    device = params[0][1].device
+    acc = {n: torch.zeros(p.shape, dtype=_acc_dtype(p), device=p.device) for n, p in params}
+    use_triton = False
+    if implementation in ("auto", "triton"):
+        from ..ops._triton import triton_usable_on
+
+        use_triton = triton_usable_on(device) and (implementation == "triton" or device.type == "cuda")
+        if implementation == "triton" and not use_triton:
+            raise RuntimeError(
+                f"implementation='triton' needs triton and CUDA parameters (or TRITON_INTERPRET=1 on CPU); "
+                f"parameters are on {device}"
+            )
+    ran = "loop" if implementation == "loop" else ("triton" if use_triton else "torch")
+    fallback = None
+    engine = None
+    need_labels = kind == "empirical" and loss_fn is None
+    from tqdm.auto import tqdm
+
+    t0 = time.perf_counter()
+    count = 0
+    bar = tqdm(total=num_samples, unit="sample", desc="Fisher", disable=not progress, leave=False)
+    try:
+        with _fisher_mode(model, seed):
+            if ran != "loop":
+                try:
+                    engine = _Engine(model, params, acc, use_triton, chunk_elems)
+                except _UseLoop as e:
+                    ran, fallback = "loop", str(e)
+                    _warn_fallback(fallback)
+            for p in model.parameters():
+                p.requires_grad_(False)
+            if ran == "loop":
+                for _, p in params:
+                    p.requires_grad_(True)
+            for raw in data:
+                b = parse_batch(raw, device, need_labels=need_labels)
+                if b.size == 0:
+                    continue
+                if count + b.size > num_samples:
+                    b = truncate(b, num_samples - count)
+                if ran != "loop":
+                    try:
+                        engine.run_batch(b, kind, loss_fn)
+                    except _UseLoop as e:
+                        ran, fallback = "loop", str(e)
+                        _warn_fallback(fallback)
+                        engine.close()
+                        engine = None
+                        for _, p in params:
+                            p.requires_grad_(True)
+                if ran == "loop":
+                    _loop_batch(model, params, acc, b, kind, loss_fn)
+                count += b.size
+                bar.update(b.size)
+                if count >= num_samples:
+                    break
+    finally:
+        bar.close()
+        if engine is not None:
+            engine.close()
+    if count == 0:
+        raise ValueError("the data yielded no samples")
+    if count < num_samples:
+        warnings.warn(f"fishkern Fisher: the data held {count} samples, fewer than num_samples={num_samples}; used {count}")
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return FisherResult(
+        scores=acc,
+        num_samples=count,
+        kind=kind,
+        implementation=ran,
+        seconds=time.perf_counter() - t0,
+        fallback_reason=fallback,
+        generic_modules=list(engine.generic) if engine is not None else [],
+    )
+
+
+def _warn_fallback(reason: str) -> None:
+    warnings.warn(f"fishkern Fisher: using the per-sample loop because {reason}", stacklevel=3)
+
+
+def fisher_scores(model: nn.Module, data: Iterable, num_samples: int, **kwargs) -> dict[str, Tensor]:
+    """{parameter name: Fisher score tensor} — `estimate_fisher(...).scores`; same arguments."""
+    return estimate_fisher(model, data, num_samples, **kwargs).scores
+
+
+def fisher_reference(model: nn.Module, data: Iterable, num_samples: int, **kwargs) -> dict[str, Tensor]:
+    """The original algorithm (batch size 1, one backward per sample): the oracle for tests."""
+    return estimate_fisher(model, data, num_samples, implementation="loop", **kwargs).scores

@@ -1,0 +1,45 @@
+"""Model + data + density → FishMask in one call."""
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+import torch.nn as nn
+
+from ..mask import FishMask
+from ..mask.builders import from_scores
+from .estimator import estimate_fisher
+
+
+def fisher_mask(
+    model: nn.Module,
+    data: Iterable,
+    density: float | None = None,
+    num_samples: int = 1024,
+    *,
+    k: int | None = None,
+    force: Sequence[str] | str = (),
+    exclude: Sequence[str] | str = (),
+    **fisher_kwargs,
+) -> FishMask:
+    """The FISH mask of a model: Fisher scores over `num_samples` samples of `data`
+    (see `estimate_fisher` for the data format and options), then the k = ⌊density × all
+    parameters⌋ largest scores, with the parameters matching `force` (e.g. "classifier", the new
+    head) included entirely inside k. Frozen parameters (requires_grad=False) count in "all
+    parameters" but are never selected. The mask's provenance records the Fisher settings."""
+    result = estimate_fisher(model, data, num_samples, **fisher_kwargs)
+    scores, frozen = {}, []
+    for name, p in model.named_parameters():
+        if name in result.scores:
+            scores[name] = result.scores[name].float()  # the top-k ranks fp32 scores
+        else:
+            scores[name] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+            frozen.append(name)
+    excluded = ([exclude] if isinstance(exclude, str) else list(exclude)) + frozen
+    provenance = {
+        "fisher_kind": result.kind,
+        "fisher_samples": result.num_samples,
+        "fisher_implementation": result.implementation,
+        "fisher_seconds": round(result.seconds, 3),
+    }
+    return from_scores(scores, density, k=k, force=force, exclude=excluded, provenance=provenance)
