@@ -1,0 +1,14 @@
+"""Integrations with training frameworks (Hugging Face transformers). Importing this package does not
+import transformers; `FishTrainer` is built on first access."""
+from .hf import fish_mask_for, head_names, load_task_file, save_task_file
+
+
+def __getattr__(name):
+    if name == "FishTrainer":
+        from .hf import _build_fish_trainer
+
+        return _build_fish_trainer()
+    raise AttributeError(name)
+
+
+__all__ = ["FishTrainer", "fish_mask_for", "head_names", "load_task_file", "save_task_file"]

@@ -1,0 +1,207 @@
+"""Hugging Face integration: FISH fine-tuning of any AutoModelForSequenceClassification.
+
+Two ways in:
+
+- `FishTrainer`, a `transformers.Trainer` whose optimizer is MaskedAdamW over a FISH mask computed
+  from the training set at the start of `train()` (the new head forced in). The learning-rate
+  scheduler, logging, evaluation and checkpoint machinery stay the Trainer's. Gradient clipping
+  (`max_grad_norm`) is applied to the trained entries only, as if the model were only those.
+- In a hand-written loop: `fish_mask_for(model, batches, density, num_samples)` gives the mask;
+  `fishkern.MaskedAdamW(model.named_parameters(), mask, ...)` trains it.
+
+Either way, `save_task_file` writes the trained entries as a small sparse diff and `load_task_file`
+puts them back onto the base model, for the same predictions.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ..diff import SparseDiff
+from ..fisher import fisher_mask
+from ..mask import FishMask
+from ..mask.builders import match_names
+from ..optim import MaskedAdamW
+
+DEFAULT_HEADS = ("classifier", "score")  # BERT/RoBERTa/DeBERTa…, GPT-style sequence classifiers
+
+
+def head_names(model: nn.Module, head: Sequence[str] | str | None = None) -> list[str]:
+    """Parameter names of the classification head (new at fine-tuning; forced into every mask)."""
+    names = [n for n, _ in model.named_parameters()]
+    patterns = [head] if isinstance(head, str) else list(head or DEFAULT_HEADS)
+    found = match_names(names, patterns)
+    if not found:
+        raise ValueError(
+            f"no parameter of {type(model).__name__} matches the head patterns {patterns}; "
+            "pass head= the name of the classification head module"
+        )
+    return found
+
+
+def fish_mask_for(
+    model: nn.Module,
+    batches: Iterable,
+    density: float = 0.005,
+    num_samples: int = 1024,
+    *,
+    head: Sequence[str] | str | None = None,
+    **fisher_kwargs,
+) -> FishMask:
+    """The paper's mask for a sequence classifier: Fisher scores over `num_samples` training samples
+    (HF-style batches with "labels"), the classification head forced in, k = ⌊density × all⌋."""
+    return fisher_mask(model, batches, density, num_samples, force=head_names(model, head), **fisher_kwargs)
+
+
+# ----------------------------------------------------------------------------------- Trainer
+def _trainer_base():
+    from transformers import Trainer
+
+    return Trainer
+
+
+class _FishTrainerMixin:
+    """Methods shared by FishTrainer (kept apart so the class can be built lazily)."""
+
+    def _init_fish(self, fish_density, fish_num_samples, fish_mask, fish_head, fish_free_dense_grads, fish_kind):
+        if fish_mask is None and not (0.0 < fish_density <= 1.0):
+            raise ValueError(f"fish_density must be in (0, 1], got {fish_density!r}")
+        self.fish_density = fish_density
+        self.fish_num_samples = fish_num_samples
+        self.fish_mask = fish_mask
+        self.fish_head = fish_head
+        self.fish_free_dense_grads = fish_free_dense_grads
+        self.fish_kind = fish_kind
+        self.fish_max_grad_norm = None
+
+    def compute_fish_mask(self) -> FishMask:
+        """Fisher scores over the training set as the Trainer will feed it (its collator, its seed)."""
+        loader = self.get_train_dataloader()
+        return fish_mask_for(
+            self.model, loader, self.fish_density, self.fish_num_samples, head=self.fish_head,
+            kind=self.fish_kind, seed=self.args.seed, progress=not self.args.disable_tqdm,
+        )
+
+    def create_optimizer(self, *args, **kwargs):
+        if self.optimizer is not None:
+            return self.optimizer
+        if self.fish_mask is None:
+            self.fish_mask = self.compute_fish_mask()
+        else:
+            self.fish_mask.check_matches(self.model.named_parameters())
+        a = self.args
+        self.optimizer = MaskedAdamW(
+            self.model.named_parameters(), self.fish_mask, lr=a.learning_rate, betas=(a.adam_beta1, a.adam_beta2),
+            eps=a.adam_epsilon, weight_decay=a.weight_decay, free_dense_grads=self.fish_free_dense_grads,
+        )
+        # The Trainer would clip the dense gradient (all entries, or None with free_dense_grads);
+        # clip the trained entries instead, right before each step.
+        if a.max_grad_norm and a.max_grad_norm > 0:
+            self.fish_max_grad_norm = a.max_grad_norm
+            a.max_grad_norm = 0.0
+            opt, step = self.optimizer, self.optimizer.step
+
+            def clipped_step(closure=None):
+                opt.clip_grad_norm_(self.fish_max_grad_norm)
+                return step(closure)
+
+            opt.step = clipped_step
+        return self.optimizer
+
+    def save_task_file(self, path: str | os.PathLike, base, *, overwrite: bool = False) -> int:
+        return save_task_file(self.model, base, self.fish_mask, path, overwrite=overwrite)
+
+
+_FISH_TRAINER = None
+
+
+def _build_fish_trainer():
+    global _FISH_TRAINER
+    if _FISH_TRAINER is None:
+        Trainer = _trainer_base()
+
+        class FishTrainer(_FishTrainerMixin, Trainer):
+            """`transformers.Trainer` that trains only a FISH mask's entries with MaskedAdamW.
+
+            Extra arguments: fish_density (0.005), fish_num_samples (1024, the paper's N),
+            fish_mask (a precomputed FishMask: skips the Fisher pass), fish_head (head patterns,
+            default "classifier"/"score"), fish_free_dense_grads (True: dense .grad freed during
+            backward), fish_kind ("empirical" or "true"). Everything else is the Trainer's; set
+            TrainingArguments(weight_decay=0.0, ...) for the paper's recipe. The mask is computed
+            on the first `train()` from `get_train_dataloader()`; `trainer.fish_mask` holds it.
+            """
+
+            def __init__(self, *args, fish_density: float = 0.005, fish_num_samples: int = 1024,
+                         fish_mask: FishMask | None = None, fish_head=None, fish_free_dense_grads: bool = True,
+                         fish_kind: str = "empirical", **kwargs):
+                super().__init__(*args, **kwargs)
+                self._init_fish(fish_density, fish_num_samples, fish_mask, fish_head, fish_free_dense_grads, fish_kind)
+
+        _FISH_TRAINER = FishTrainer
+    return _FISH_TRAINER
+
+
+def __getattr__(name):  # FishTrainer subclasses transformers.Trainer: build it on first use only
+    if name == "FishTrainer":
+        return _build_fish_trainer()
+    raise AttributeError(name)
+
+
+# -------------------------------------------------------------------------------- task files
+def _params(model_or_state, names) -> dict[str, torch.Tensor]:
+    src = dict(model_or_state.named_parameters()) if isinstance(model_or_state, nn.Module) else model_or_state
+    missing = [n for n in names if n not in src]
+    if missing:
+        raise ValueError(f"the base model has no parameter {missing[0]!r}: not the model that was fine-tuned")
+    return {n: src[n].detach() for n in names}
+
+
+def save_task_file(
+    model: nn.Module,
+    base: nn.Module | Mapping[str, torch.Tensor],
+    mask: FishMask,
+    path: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    extra: Mapping[str, Any] | None = None,
+) -> int:
+    """Write the mask's entries of a fine-tuned model as a sparse diff (safetensors); returns bytes.
+
+    base: the model (or its state dict) as it was before fine-tuning. The head (the mask's forced
+    parameters, new at fine-tuning) is stored whole as absolute values: the diff's base has it at
+    zero, and `load_task_file` zeroes a fresh model's randomly initialised head before applying, so
+    the file loads onto any copy of the pretrained model, and onto nothing else (its weights are
+    verified byte for byte by hash)."""
+    names = [n for n, _ in model.named_parameters()]
+    base_params = _params(base, names)
+    head = list(mask.forced)
+    canonical = {n: torch.zeros_like(t) if n in head else t for n, t in base_params.items()}
+    tuned = {n: p.detach() for n, p in model.named_parameters()}
+    diff = SparseDiff.from_models(
+        canonical, tuned, mask, kind="delta", check_outside_mask=True,
+        extra={"fishkern_task_file": 1, "head": head, **(extra or {})},
+    )
+    return diff.save(path, overwrite=overwrite)
+
+
+@torch.no_grad()
+def load_task_file(path: str | os.PathLike, model: nn.Module) -> nn.Module:
+    """Apply a task file written by `save_task_file` to a freshly loaded base model, in place.
+    Refuses (leaving the model unchanged) a file for another base model or a damaged file."""
+    diff = SparseDiff.load(path)
+    head = list(diff.extra.get("head", [])) if isinstance(diff.extra, Mapping) else []
+    params = dict(model.named_parameters())
+    saved = {n: params[n].detach().clone() for n in head if n in params}
+    try:
+        for n in saved:
+            params[n].zero_()
+        diff.apply_(model)
+    except Exception:
+        for n, v in saved.items():
+            params[n].copy_(v)
+        raise
+    return model
