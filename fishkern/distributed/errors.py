@@ -1,0 +1,43 @@
+"""Errors raised by fishkern.distributed. All derive from ``DistributedError`` (a RuntimeError)."""
+from __future__ import annotations
+
+
+class DistributedError(RuntimeError):
+    """A collective failed, or the ranks disagree about something they must share."""
+
+
+class CollectiveTimeoutError(DistributedError, TimeoutError):
+    """A collective did not complete within the timeout: some rank did not join it (it hangs,
+    is slower than the timeout, died without closing its connections, or took another code path).
+
+    ``operation`` names the collective (e.g. ``"exchange #12 (all_gather of 1,680 values)"``),
+    ``timeout_s`` the limit in seconds (None when it is unknown). The process group cannot be used
+    after this error: destroy it and restart the job (or the failed ranks, with torchrun's elastic
+    restarts)."""
+
+    def __init__(self, message: str, operation: str = "", timeout_s: float | None = None):
+        super().__init__(message)
+        self.operation = operation
+        self.timeout_s = timeout_s
+
+
+class CollectiveError(DistributedError):
+    """A collective failed for another reason than a timeout, typically because a peer process
+    crashed or closed its process group (gloo: "Connection closed by peer")."""
+
+    def __init__(self, message: str, operation: str = ""):
+        super().__init__(message)
+        self.operation = operation
+
+
+class MaskMismatchError(DistributedError):
+    """The ranks do not hold the same FishMask (shared mode) or the same table of per-worker
+    masks (disjoint mode). ``groups`` maps each digest seen to the ranks holding it."""
+
+    def __init__(self, message: str, groups: dict | None = None):
+        super().__init__(message)
+        self.groups = dict(groups or {})
+
+
+class ConfigMismatchError(DistributedError):
+    """The ranks built their SparseAverager with different settings or different models."""

@@ -1,0 +1,153 @@
+"""Moving FishMasks between ranks: serialised to tensors, broadcast or all-gathered.
+
+A mask travels as two tensors: a uint8 tensor holding UTF-8 JSON (parameter names and shapes in
+model order, per selected parameter its number of indices, the forced parameters, the provenance
+and the digest) and one int64 tensor with all selected indices concatenated in that order. The
+receiver rebuilds the FishMask and checks its digest against the one sent, so a corrupted transfer
+is an error, not a silently different mask. Masks travel only when they are set (once up front, or
+when a mask is recomputed), never per exchange.
+"""
+from __future__ import annotations
+
+import json
+
+import torch
+from torch import Tensor
+
+from ..mask.fishmask import FishMask, new_mask
+from ._comm import Comm, require_initialized
+from .errors import DistributedError
+
+__all__ = ["mask_to_tensors", "mask_from_tensors", "broadcast_mask", "all_gather_masks"]
+
+_FORMAT = "fishkern.mask.wire"
+
+
+def mask_to_tensors(mask: FishMask) -> tuple[Tensor, Tensor]:
+    """(uint8 JSON metadata, int64 concatenated indices) on the CPU."""
+    if not isinstance(mask, FishMask):
+        raise TypeError(f"expected a FishMask, got {type(mask).__name__}")
+    names = [n for n in mask.shapes if n in mask.indices and mask.indices[n].numel()]
+    meta = {
+        "format": _FORMAT,
+        "shapes": [[n, list(s)] for n, s in mask.shapes.items()],
+        "counts": [[n, int(mask.indices[n].numel())] for n in names],
+        "forced": list(mask.forced),
+        "provenance": mask.provenance,
+        "digest": mask.digest,
+    }
+    raw = json.dumps(meta, default=str).encode()
+    meta_t = torch.frombuffer(bytearray(raw), dtype=torch.uint8).clone()
+    if names:
+        idx = torch.cat([mask.indices[n].detach().to("cpu", torch.int64) for n in names])
+    else:
+        idx = torch.empty(0, dtype=torch.int64)
+    return meta_t, idx
+
+
+def mask_from_tensors(meta: Tensor | bytes, indices: Tensor) -> FishMask:
+    """Rebuild a FishMask from ``mask_to_tensors``' output; refuses anything that does not match
+    its digest."""
+    raw = meta if isinstance(meta, (bytes, bytearray)) else meta.detach().cpu().numpy().tobytes()
+    try:
+        m = json.loads(raw.decode())
+        if m.get("format") != _FORMAT:
+            raise ValueError(f"format {m.get('format')!r}")
+        shapes = {n: tuple(int(x) for x in s) for n, s in m["shapes"]}
+        counts = [(n, int(c)) for n, c in m["counts"]]
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise DistributedError(f"received mask metadata is damaged ({e})") from e
+    indices = indices.detach().to("cpu", torch.int64)
+    if sum(c for _, c in counts) != indices.numel():
+        raise DistributedError(
+            f"received mask is damaged: {indices.numel()} indices for {sum(c for _, c in counts)} announced"
+        )
+    selected, start = {}, 0
+    for n, c in counts:
+        selected[n] = indices[start : start + c]
+        start += c
+    try:
+        mask = new_mask(shapes, selected, tuple(m.get("forced", ())), dict(m.get("provenance") or {}))
+    except (ValueError, KeyError) as e:
+        raise DistributedError(f"received mask is damaged ({e})") from e
+    if mask.digest != m.get("digest"):
+        raise DistributedError("received mask does not match the digest it was sent with (corrupted in transfer?)")
+    return mask
+
+
+def _broadcast_mask(comm: Comm, mask: FishMask | None, src: int, what: str) -> tuple[FishMask, int]:
+    """(the mask of group rank ``src`` on every rank, bytes this rank sent)."""
+    if not 0 <= src < comm.world_size:
+        raise ValueError(f"broadcast source rank {src} is not in this group of {comm.world_size} ranks")
+    header = torch.zeros(2, dtype=torch.int64)
+    meta = idx = None
+    if comm.rank == src:
+        if mask is None:
+            header[0] = -1  # tell the others there is nothing coming, so nobody waits for it
+        else:
+            meta, idx = mask_to_tensors(mask)
+            header[0], header[1] = meta.numel(), idx.numel()
+    header = header.to(comm.device)
+    comm.broadcast(f"{what} (header)", header, src)
+    n_meta, n_idx = (int(x) for x in header.tolist())
+    if n_meta < 0:
+        raise DistributedError(f"{what}: rank {src} has no mask to broadcast (it passed None)")
+    if comm.rank != src:
+        meta = torch.empty(n_meta, dtype=torch.uint8)
+        idx = torch.empty(n_idx, dtype=torch.int64)
+    meta_d, idx_d = meta.to(comm.device), idx.to(comm.device)
+    comm.broadcast(f"{what} (metadata)", meta_d, src)
+    comm.broadcast(f"{what} (indices)", idx_d, src)
+    if comm.rank == src:
+        return mask, 16 + n_meta + 8 * n_idx
+    return mask_from_tensors(meta_d.cpu(), idx_d.cpu()), 0
+
+
+def _all_gather_masks(comm: Comm, mask: FishMask | None, what: str) -> tuple[list[FishMask | None], int]:
+    """(every rank's mask, in rank order, bytes this rank sent). A rank's None stays None."""
+    if mask is None:
+        meta, idx = None, torch.empty(0, dtype=torch.int64)
+    else:
+        meta, idx = mask_to_tensors(mask)
+    metas = comm.all_gather_bytes(f"{what} (metadata)", None if meta is None else meta.numpy().tobytes())
+    counts = comm.all_gather(f"{what} (sizes)", torch.tensor([idx.numel()], dtype=torch.int64, device=comm.device))
+    counts = [int(c) for c in counts.view(-1).tolist()]
+    width = max(counts)
+    buf = torch.zeros(width, dtype=torch.int64)
+    buf[: idx.numel()] = idx
+    rows = comm.all_gather(f"{what} (indices)", buf.to(comm.device)).cpu()
+    out = []
+    for r, (m, c) in enumerate(zip(metas, counts)):
+        if r == comm.rank:
+            out.append(mask)
+        elif m is None:
+            out.append(None)
+        else:
+            out.append(mask_from_tensors(m, rows[r, :c]))
+    sent = 16 + (0 if meta is None else meta.numel()) + 8 * width
+    return out, sent
+
+
+def broadcast_mask(mask: FishMask | None, src: int = 0, *, group=None, timeout=None) -> FishMask:
+    """Rank ``src``'s FishMask on every rank of ``group`` (a collective: every rank calls it; the
+    others may pass None). Rank ``src`` serialises its mask into two tensors (JSON metadata and
+    the concatenated int64 indices) and broadcasts them; the others rebuild it and check its digest.
+    ``src`` is a rank of ``group``. ``timeout``: seconds or timedelta (default: the group's)."""
+    require_initialized("broadcast_mask")
+    device = None
+    if mask is not None and mask.indices:
+        device = next(iter(mask.indices.values())).device
+    comm = Comm(group, timeout, device)
+    out, _ = _broadcast_mask(comm, mask, src, f"broadcast_mask from rank {src}")
+    return out
+
+
+def all_gather_masks(mask: FishMask, *, group=None, timeout=None) -> list[FishMask]:
+    """Every rank's FishMask, in rank order (a collective: every rank calls it with its own mask)."""
+    require_initialized("all_gather_masks")
+    comm = Comm(group, timeout)
+    out, _ = _all_gather_masks(comm, mask, "all_gather_masks")
+    missing = [r for r, m in enumerate(out) if m is None]
+    if missing:
+        raise DistributedError(f"all_gather_masks: rank(s) {missing} passed no mask")
+    return out
