@@ -1,7 +1,7 @@
 """The `fishkern` command: `fishkern demo`, `fishkern glue TASK`, `fishkern cifar`.
 
 Exit codes: 0 success; 2 bad command line (unknown option, bad value); 3 a file or directory is
-missing or would be overwritten; 4 the input data or model is invalid; 5 a required package is not
+missing or would be overwritten, or a model cannot be found or read; 4 the input data or model is invalid; 5 a required package is not
 installed (the message names the extra to install); 1 anything else (a bug: please report it).
 """
 from __future__ import annotations
@@ -39,6 +39,16 @@ def _positive_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
     if not v > 0:
         raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return v
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not v >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
     return v
 
 
@@ -107,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     glue.add_argument("--lr", type=_positive_float, default=5e-5, help="default: %(default)s")
     glue.add_argument("--batch-size", type=_positive_int, default=None, help="default: 16, 8 for RTE")
     glue.add_argument("--max-length", type=_positive_int, default=128, help="maximum sequence length (default: %(default)s)")
-    glue.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay on the trained entries (default: 0, as the paper)")
+    glue.add_argument("--weight-decay", type=_non_negative_float, default=0.0, help="AdamW weight decay on the trained entries (default: 0, as the paper)")
     glue.add_argument("--fisher-kind", choices=["empirical", "true"], default="empirical", help="default: %(default)s")
     glue.add_argument("--seed", type=int, default=0, help="default: %(default)s")
     glue.add_argument("--device", default=None, help="cpu, cuda, cuda:1… (default: cuda when available)")
@@ -170,8 +180,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fishkern {args.command}: error: {e}", file=sys.stderr)
         return EXIT_FILES
     except ModuleNotFoundError as e:
-        print(f"fishkern {args.command}: error: {e}", file=sys.stderr)
+        extra = {"demo": "demo", "glue": "glue", "cifar": "cifar"}.get(args.command, "test")
+        print(f"fishkern {args.command}: error: {e}; install it with: pip install 'fishkern[{extra}]'", file=sys.stderr)
         return EXIT_DEPENDENCY
+    except OSError as e:  # e.g. from_pretrained on a missing directory or an unknown hub name offline
+        print(f"fishkern {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_FILES
     except (ValueError, TypeError, KeyError) as e:
         print(f"fishkern {args.command}: error: {e}", file=sys.stderr)
         return EXIT_INPUT

@@ -218,29 +218,33 @@ def finetune(
     step_times: list[float] = []
     opt_times: list[float] = []
     t_start = time.perf_counter()
-    with PeakMemory(device) as peak:
-        optimizer = build_optimizer(model, mask, config)
-        scheduler = linear_schedule(optimizer, steps_per_epoch * config.epochs, config.warmup_ratio)
-        bar = tqdm(total=steps_per_epoch * config.epochs, desc=desc or config.method, unit="step",
-                   disable=not progress, leave=False)
-        try:
-            for epoch in range(config.epochs):
-                if hasattr(train, "set_epoch"):
-                    train.set_epoch(epoch)
-                loss = train_epoch(model, train, optimizer, scheduler, max_grad_norm=config.max_grad_norm,
-                                   device=device, progress=bar, step_times=step_times, opt_times=opt_times)
-                metrics = evaluate(model)
-                history.append({"epoch": epoch + 1, "train_loss": loss, **metrics})
-        finally:
-            bar.close()
+    optimizer = None
+    try:
+        with PeakMemory(device) as peak:
+            optimizer = build_optimizer(model, mask, config)
+            scheduler = linear_schedule(optimizer, steps_per_epoch * config.epochs, config.warmup_ratio)
+            bar = tqdm(total=steps_per_epoch * config.epochs, desc=desc or config.method, unit="step",
+                       disable=not progress, leave=False)
+            try:
+                for epoch in range(config.epochs):
+                    if hasattr(train, "set_epoch"):
+                        train.set_epoch(epoch)
+                    loss = train_epoch(model, train, optimizer, scheduler, max_grad_norm=config.max_grad_norm,
+                                       device=device, progress=bar, step_times=step_times, opt_times=opt_times)
+                    metrics = evaluate(model)
+                    history.append({"epoch": epoch + 1, "train_loss": loss, **metrics})
+            finally:
+                bar.close()
+        if isinstance(optimizer, MaskedAdamW):
+            state_bytes = optimizer.state_bytes()
+        else:
+            state_bytes = sum(t.numel() * t.element_size() for s in optimizer.state.values()
+                              for t in s.values() if torch.is_tensor(t) and t.dim() > 0)
+    finally:
+        if isinstance(optimizer, MaskedAdamW) and config.free_dense_grads:
+            optimizer.zero_grad()
+            optimizer.remove_grad_hooks()  # the model gets its dense .grad behaviour back, also on error
     train_seconds = time.perf_counter() - t_start
-    if isinstance(optimizer, MaskedAdamW):
-        state_bytes = optimizer.state_bytes()
-        if config.free_dense_grads:
-            optimizer.remove_grad_hooks()  # gives the model back its dense .grad behaviour
-    else:
-        state_bytes = sum(t.numel() * t.element_size() for s in optimizer.state.values()
-                          for t in s.values() if torch.is_tensor(t) and t.dim() > 0)
     trainable = mask.k if mask is not None else sum(p.numel() for p in model.parameters() if p.requires_grad)
     skip = min(len(step_times) - 1, 3)  # warm-up steps
     return FinetuneResult(

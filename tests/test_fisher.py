@@ -464,3 +464,102 @@ def test_bad_inputs():
         fisher_scores(model, [], 4, progress=False)
     # a failed estimate leaves the model as it was
     assert all(p.requires_grad for p in model.parameters())
+
+
+# ------------------------------------------------------------- models that break assumptions
+class InplaceStem(nn.Module):
+    """The first module's output is modified in place (ReLU(inplace) right after the stem)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(5, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.b(F.relu(self.a(x), inplace=True))
+
+
+class SeqFirst(nn.Module):
+    """Time-major: dim 0 of the Linear's input is time, and T equals the batch size."""
+
+    def __init__(self):
+        super().__init__()
+        self.l, self.out = nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x):  # x: (B, T, 4) → time-major inside
+        h = torch.tanh(self.l(x.transpose(0, 1)))  # (T, B, 4)
+        return self.out(h.mean(0))
+
+
+class UnmaskedPadding(nn.Module):
+    """Takes an attention mask but pools over every token: padded tokens DO matter."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.l, self.out = nn.Embedding(20, 6), nn.Linear(6, 6), nn.Linear(6, 2)
+
+    def forward(self, input_ids, attention_mask):
+        return self.out(torch.tanh(self.l(self.emb(input_ids))).mean(1))
+
+
+class Attn(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.att, self.out = nn.MultiheadAttention(6, 2, batch_first=True), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.out(self.att(x, x, x, need_weights=False)[0].mean(1))
+
+
+class Rnn(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.rnn, self.out = nn.LSTM(5, 6, batch_first=True), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.out(self.rnn(x)[0][:, -1])
+
+
+def _pairs(shape, classes, n=8, batch=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, *shape, generator=g, dtype=torch.float64)
+    y = torch.randint(0, classes, (n,), generator=g)
+    return [(x[s:s + batch], y[s:s + batch]) for s in range(0, n, batch)]
+
+
+@pytest.mark.parametrize("make,data,expect", [
+    (InplaceStem, lambda: _pairs((5,), 3), "torch"),
+    (SeqFirst, lambda: _pairs((4, 4), 3, batch=4), "loop"),  # T == B == 4: caught by the self-check
+    (Attn, lambda: _pairs((4, 6), 3), "loop"),  # out_proj's weight is used without calling out_proj
+    (Rnn, lambda: _pairs((4, 5), 3), "loop"),  # (h, c) outputs are not batch-first
+])
+def test_models_breaking_assumptions_are_still_exact(make, data, expect):
+    torch.manual_seed(0)
+    model = make().double()
+    batches = data()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = estimate_fisher(model, batches, 8, progress=False)
+    assert got.implementation == expect, got.fallback_reason
+    assert_scores_close(got.scores, fisher_reference(model, batches, 8, progress=False), 1e-10)
+
+
+def test_padding_that_matters_is_not_skipped():
+    torch.manual_seed(0)
+    model = UnmaskedPadding().double()
+    ids = torch.randint(1, 20, (6, 7))
+    mask = torch.ones(6, 7, dtype=torch.long)
+    mask[:4, 3:] = 0
+    data = [{"input_ids": ids, "attention_mask": mask, "labels": torch.randint(0, 2, (6,))}]
+    got = estimate_fisher(model, data, 6, progress=False)
+    assert got.implementation == "torch"
+    assert_scores_close(got.scores, fisher_reference(model, data, 6, progress=False), 1e-10)
+
+
+def test_self_check_can_be_turned_off_and_then_trusts_the_rules():
+    torch.manual_seed(0)
+    model = SeqFirst().double()
+    batches = _pairs((4, 4), 3, batch=4)
+    got = estimate_fisher(model, batches, 8, progress=False, self_check=False)
+    ref = fisher_reference(model, batches, 8, progress=False)
+    assert got.implementation == "torch"
+    assert not torch.allclose(got.scores["l.weight"], ref["l.weight"])  # the documented risk

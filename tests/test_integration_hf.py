@@ -118,29 +118,49 @@ def test_hand_written_loop_and_task_file_roundtrip(tiny_model_dir, tmp_path):
         load_task_file(bad, fresh)
 
 
-def test_fish_trainer(tiny_model_dir, tmp_path):
+def _trainer_data(tok):
     from datasets import Dataset
 
+    texts = [f"a {w} film" for w in WORDS] * 2
+    labels = [i % 2 for i in range(len(texts))]
+    return Dataset.from_dict({"text": texts, "label": labels}).map(lambda b: tok(b["text"]), batched=True).remove_columns(["text"])
+
+
+def _trainer_args(tmp_path, **kw):
+    base = dict(
+        output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, num_train_epochs=2, learning_rate=1e-2,
+        weight_decay=0.1, max_grad_norm=1.0, report_to=[], save_strategy="no", logging_strategy="no",
+        disable_tqdm=True, use_cpu=True, seed=0,
+    )
+    base.update(kw)
+    return transformers.TrainingArguments(**base)
+
+
+def test_fish_trainer(tiny_model_dir, tmp_path, monkeypatch):
     from fishkern.integrations import FishTrainer
 
     tok = transformers.AutoTokenizer.from_pretrained(tiny_model_dir)
-    texts = [f"a {w} film" for w in WORDS] * 2
-    labels = [i % 2 for i in range(len(texts))]
-    ds = Dataset.from_dict({"text": texts, "label": labels}).map(lambda b: tok(b["text"]), batched=True)
+    ds = _trainer_data(tok)
     torch.manual_seed(0)
     model = transformers.AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=2)
     base = {n: p.detach().clone() for n, p in model.named_parameters()}
-    args = transformers.TrainingArguments(
-        output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, num_train_epochs=2, learning_rate=1e-2,
-        weight_decay=0.0, max_grad_norm=1.0, report_to=[], save_strategy="no", logging_strategy="no",
-        disable_tqdm=True, use_cpu=True, seed=0,
-    )
-    trainer = FishTrainer(model=model, args=args, train_dataset=ds.remove_columns(["text"]),
+    args = _trainer_args(tmp_path)
+    clips = []
+    real_clip = fishkern.MaskedAdamW.clip_grad_norm_
+    monkeypatch.setattr(fishkern.MaskedAdamW, "clip_grad_norm_", lambda self, m, *a, **k: clips.append(m) or real_clip(self, m, *a, **k))
+    trainer = FishTrainer(model=model, args=args, train_dataset=ds,
                           data_collator=transformers.DataCollatorWithPadding(tok), fish_density=0.02, fish_num_samples=16)
     trainer.train()
     mask = trainer.fish_mask
-    assert isinstance(trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer, fishkern.MaskedAdamW)
+    opt = trainer._masked_optimizer()
+    assert isinstance(opt, fishkern.MaskedAdamW)
     assert mask.provenance["fisher_samples"] == 16 and "classifier.weight" in mask.forced
+    # the Trainer's grouping: weight decay on weights, none on biases and LayerNorm
+    decays = {n: g["weight_decay"] for g in opt.param_groups for n in g["param_names"]}
+    assert decays["classifier.weight"] == 0.1 and decays["classifier.bias"] == 0.0
+    assert decays["bert.embeddings.LayerNorm.weight"] == 0.0
+    # clipping of the trained entries once per optimizer step; the user's arguments are untouched
+    assert clips == [1.0] * trainer.state.global_step and args.max_grad_norm == 1.0
     moved = 0
     for n, p in model.named_parameters():
         changed = (p.detach() != base[n]).flatten().nonzero().flatten()
@@ -148,14 +168,45 @@ def test_fish_trainer(tiny_model_dir, tmp_path):
         assert set(changed.tolist()) <= set(sel.tolist()), f"{n}: entries outside the mask moved"
         moved += changed.numel()
     assert moved > 0.5 * mask.k
-    # clipping applied to the trained entries (the Trainer's dense clipping is off)
-    assert trainer.args.max_grad_norm == 0.0 and trainer.fish_max_grad_norm == 1.0
     path = tmp_path / "t.safetensors"
     trainer.save_task_file(path, base)
     fresh = transformers.AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=2)
     load_task_file(path, fresh)
     for (n, p), (_, q) in zip(fresh.named_parameters(), model.named_parameters()):
         assert torch.equal(p, q.cpu()), n
+    with pytest.raises(ValueError, match="shares memory"):
+        save_task_file(model, model.state_dict(), mask, tmp_path / "alias.safetensors")
+
+
+def test_fish_trainer_resumes_on_the_saved_mask(tiny_model_dir, tmp_path):
+    from fishkern.integrations import FishTrainer
+
+    tok = transformers.AutoTokenizer.from_pretrained(tiny_model_dir)
+    ds = _trainer_data(tok)
+    collator = transformers.DataCollatorWithPadding(tok)
+
+    def make(epochs):
+        torch.manual_seed(0)
+        model = transformers.AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=2)
+        args = _trainer_args(tmp_path, num_train_epochs=epochs, save_strategy="epoch")
+        return FishTrainer(model=model, args=args, train_dataset=ds, data_collator=collator,
+                           fish_density=0.02, fish_num_samples=16)
+
+    first = make(1)
+    first.train()
+    ckpt = tmp_path / "out" / f"checkpoint-{first.state.global_step}"
+    assert (ckpt / "fish_mask.safetensors").exists()
+    resumed = make(2)
+    resumed.train(resume_from_checkpoint=True)
+    assert resumed.fish_mask == first.fish_mask and resumed.state.global_step == 2 * first.state.global_step
+    bad = make(2)
+    (ckpt / "fish_mask.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="fish_mask"):
+        bad.train(resume_from_checkpoint=str(ckpt))
+    with pytest.raises(ValueError, match="AdamW"):
+        t = make(1)
+        t.args.optim = "sgd"
+        t.create_optimizer()
 
 
 @pytest.mark.parametrize("task,methods", [("sst2", ["dense", "fish", "random", "bitfit"]), ("stsb", ["fish"])])

@@ -147,3 +147,21 @@ def take(b: Batch, start: int, stop: int) -> Batch:
 
     labels = b.labels[start:stop] if b.labels is not None else None
     return Batch(cut(b.inputs), labels, stop - start, cut(b.raw))
+
+
+def select(b: Batch, idx: Tensor) -> Batch:
+    """The samples at `idx` (a 1-D index tensor) of a batch."""
+
+    def cut(obj):
+        if isinstance(obj, Tensor):
+            return obj.index_select(0, idx.to(obj.device)) if obj.dim() > 0 and obj.shape[0] == b.size else obj
+        if isinstance(obj, Mapping):
+            return {k: cut(v) for k, v in obj.items()}
+        if isinstance(obj, tuple):
+            return tuple(cut(v) for v in obj)
+        if isinstance(obj, list):
+            return [cut(v) for v in obj]
+        return obj
+
+    labels = b.labels.index_select(0, idx.to(b.labels.device)) if b.labels is not None else None
+    return Batch(cut(b.inputs), labels, idx.numel(), cut(b.raw))

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from ._batches import Batch, parse_batch, right_padded_lengths, take, truncate
+from ._batches import Batch, parse_batch, right_padded_lengths, select, take, truncate
 from .losses import check_kind, fisher_terms
 from .rules import DEFAULT_CHUNK_ELEMS, Context, EmbeddingRule, GenericRule, Rule, _Unsupported, rule_for
 
@@ -120,6 +120,8 @@ class _Engine:
         self.batch_size = 0
         self.lengths_for: tuple[tuple[int, int], Tensor] | None = None
         self.calls: list[_Call] = []
+        self.leaves: list[Tensor] = []
+        self.use_lengths = True
         self.generic: list[str] = []
         trainable = {id(p) for _, p in params}
         name_of = {id(p): n for n, p in params}
@@ -185,9 +187,14 @@ class _Engine:
         for i, t in enumerate(leaves):
             if not (isinstance(t, Tensor) and t.is_floating_point()):
                 continue
+            if isinstance(rule, GenericRule) and (t.dim() == 0 or t.shape[0] != B):
+                raise _UseLoop(f"module '{name}' returns a tensor of shape {tuple(t.shape)} whose first dimension is not the samples")
             if not t.requires_grad:
-                # nothing upstream requires grad (parameters are frozen): start the graph here
-                t = t.detach().requires_grad_().clone()
+                # nothing upstream requires grad (parameters are frozen): start the graph here, at a
+                # leaf; the clone keeps the leaf safe from in-place ops downstream
+                leaf = t.detach().requires_grad_()
+                self.leaves.append(leaf)
+                t = leaf.clone()
                 leaves[i], changed = t, True
             slot = len(call.outs)
             call.outs.append(t)
@@ -228,11 +235,11 @@ class _Engine:
                 )
             call.grads = [None] * len(call.grads)
 
-    def run_batch(self, b: Batch, kind, loss_fn):
-        self.calls, self.batch_size = [], b.size
+    def run_batch(self, b: Batch, kind, loss_fn, use_lengths: bool | None = None):
+        self.calls, self.leaves, self.batch_size = [], [], b.size
         mask = b.attention_mask
         self.lengths_for = None
-        if mask is not None and mask.shape[0] == b.size:
+        if (self.use_lengths if use_lengths is None else use_lengths) and mask is not None and mask.shape[0] == b.size:
             lengths = right_padded_lengths(mask)
             if lengths is not None:
                 self.lengths_for = (tuple(mask.shape), lengths)
@@ -242,22 +249,79 @@ class _Engine:
         finally:
             self.active = False
         try:
+            for call in self.calls:  # before any backward, so that nothing is accumulated yet
+                try:
+                    call.check_unmodified()
+                except RuntimeError as e:
+                    raise _UseLoop(f"the input of '{call.name}' is modified in place after its forward") from e
             terms = fisher_terms(out, b, kind, loss_fn)
-            starts = [t for c in self.calls for t in c.outs if t.is_leaf is False and t.grad_fn is not None]
+            # Every graph path starts at a leaf made in _on_forward (parameters are frozen): asking for
+            # the leaves' gradients runs the whole backward, so every output hook fires, also on outputs
+            # modified in place later. No parameter gradient is computed or stored.
+            starts = self.leaves or [t for c in self.calls for t in c.outs if t.requires_grad]
             for j, term in enumerate(terms):
                 if not term.requires_grad:
                     raise RuntimeError(
                         "fishkern Fisher: the loss does not depend on any trainable parameter's module"
                     )
-                # gradients w.r.t. the hooked outputs only: no parameter gradient is computed or stored
                 torch.autograd.grad(term.sum(), starts, retain_graph=j < len(terms) - 1, allow_unused=True)
                 self._finish_generic()
         finally:
-            self.calls = []
+            self.calls, self.leaves = [], []
 
 
 def _detach(obj):
     return torch.utils._pytree.tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, obj)
+
+
+# -------------------------------------------------------------------------------- self-check
+_CHECK_SAMPLES = 3
+_CHECK_RTOL = {torch.float64: 1e-8, torch.float32: 1e-3, torch.bfloat16: 5e-2, torch.float16: 5e-2}
+
+
+def _disagreement(got, ref, params) -> str | None:
+    top = max((v.abs().max().item() for v in ref.values() if v.numel()), default=0.0)
+    for n, p in params:
+        a, b = got[n], ref[n]
+        if not a.numel():
+            continue
+        scale = max(b.abs().max().item(), 1e-6 * top, 1e-30)
+        err = (a - b).abs().max().item() / scale
+        if not err <= _CHECK_RTOL.get(p.dtype, 1e-3):
+            return f"'{n}' (relative difference {err:.2g})"
+    return None
+
+
+def _self_check(engine: "_Engine", model, params, b: Batch, kind, loss_fn) -> None:
+    """Before the first batch counts: the batched rules against the per-sample loop on a few samples
+    (the most padded ones). Catches models that break the batched path's assumptions — dim 0 not
+    the samples, padded tokens that do matter, parameters used outside their module's forward —
+    and falls back (to no padding skip, or to the loop) instead of returning wrong scores."""
+    mask = b.attention_mask
+    lengths = right_padded_lengths(mask) if mask is not None and mask.shape[0] == b.size else None
+    n = min(_CHECK_SAMPLES, b.size)
+    idx = torch.argsort(lengths.cpu(), stable=True)[:n] if lengths is not None else torch.arange(n)
+    sub = select(b, idx)
+    zeros = lambda: {k: torch.zeros_like(v) for k, v in engine.acc.items()}  # noqa: E731
+    ref, real = zeros(), engine.acc
+    for _, p in params:
+        p.requires_grad_(True)
+    try:
+        _loop_batch(model, params, ref, sub, kind, loss_fn)
+    finally:
+        for _, p in params:
+            p.requires_grad_(False)
+    try:
+        for use_lengths in ((True, False) if lengths is not None else (True,)):
+            engine.acc = zeros()
+            engine.run_batch(sub, kind, loss_fn, use_lengths=use_lengths)
+            bad = _disagreement(engine.acc, ref, params)
+            if bad is None:
+                engine.use_lengths = use_lengths
+                return
+    finally:
+        engine.acc = real
+    raise _UseLoop(f"the batched estimate disagrees with the per-sample loop on the first samples at {bad}")
 
 
 # ------------------------------------------------------------------------------------ driver
@@ -272,6 +336,7 @@ def estimate_fisher(
     seed: int | None = 0,
     progress: bool = True,
     chunk_elems: int = DEFAULT_CHUNK_ELEMS,
+    self_check: bool = True,
 ) -> FisherResult:
     """Diagonal Fisher scores of every trainable parameter over the first `num_samples` samples.
 
@@ -289,9 +354,13 @@ def estimate_fisher(
         plain PyTorch), "triton" (batched, Triton kernel also on CPU under TRITON_INTERPRET=1, for
         tests), "loop" (the batch-size-1 reference loop). Models the batched path cannot treat exactly
         (tied weights, a module called twice per forward, BatchNorm without running statistics,
-        modules that fold the batch dimension) fall back to the loop with a warning.
+        modules that fold the batch dimension, anything the first-batch self-check catches) fall back
+        to the loop with a warning.
     seed: the RNG is seeded inside a forked RNG state (the caller's RNG is untouched); None: unseeded.
     chunk_elems: bound on per-sample entries alive at once in the PyTorch rules.
+    self_check: before the first batch counts, compare the batched rules with the per-sample loop on
+        a few samples (the most padded ones); on disagreement retry without skipping padded tokens,
+        then fall back to the loop, with a warning. Costs a few per-sample passes, once.
 
     The model is in eval mode during the estimate and restored afterwards; parameters' `.grad` and
     `requires_grad` are left as they were. Scores are fp32 (fp64 for fp64 parameters).
@@ -324,6 +393,7 @@ def estimate_fisher(
 
     t0 = time.perf_counter()
     count = 0
+    checked = False
     bar = tqdm(total=num_samples, unit="sample", desc="Fisher", disable=not progress, leave=False)
     try:
         with _fisher_mode(model, seed):
@@ -346,6 +416,9 @@ def estimate_fisher(
                     b = truncate(b, num_samples - count)
                 if ran != "loop":
                     try:
+                        if self_check and not checked:
+                            _self_check(engine, model, params, b, kind, loss_fn)
+                            checked = True
                         engine.run_batch(b, kind, loss_fn)
                     except _UseLoop as e:
                         ran, fallback = "loop", str(e)

@@ -31,9 +31,8 @@ def check_kind(kind: str, loss_fn) -> None:
 
 
 def _is_regression(logits: Tensor, labels: Tensor | None) -> bool:
-    if logits.dim() == 1 or logits.shape[-1] == 1:
-        return labels is None or labels.is_floating_point()
-    return False
+    # one output is a regression head (as Hugging Face treats num_labels=1), whatever the label dtype
+    return logits.dim() == 1 or logits.shape[-1] == 1
 
 
 def fisher_terms(out, batch: Batch, kind: str, loss_fn: Callable | None) -> list[Tensor]:

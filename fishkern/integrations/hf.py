@@ -5,9 +5,10 @@ Two ways in:
 - `FishTrainer`, a `transformers.Trainer` whose optimizer is MaskedAdamW over a FISH mask computed
   from the training set at the start of `train()` (the new head forced in). The learning-rate
   scheduler, logging, evaluation and checkpoint machinery stay the Trainer's. Gradient clipping
-  (`max_grad_norm`) is applied to the trained entries only, as if the model were only those.
+  (`max_grad_norm`) is applied to the trained entries only, as if the model were only those, and
+  the mask is saved in every checkpoint so that training resumes on it.
 - In a hand-written loop: `fish_mask_for(model, batches, density, num_samples)` gives the mask;
-  `fishkern.MaskedAdamW(model.named_parameters(), mask, ...)` trains it.
+  `fishkern.MaskedAdamW(model.named_parameters(), mask, ...)` trains it; `opt.clip_grad_norm_` clips.
 
 Either way, `save_task_file` writes the trained entries as a small sparse diff and `load_task_file`
 puts them back onto the base model, for the same predictions.
@@ -27,7 +28,8 @@ from ..mask import FishMask
 from ..mask.builders import match_names
 from ..optim import MaskedAdamW
 
-DEFAULT_HEADS = ("classifier", "score")  # BERT/RoBERTa/DeBERTa…, GPT-style sequence classifiers
+DEFAULT_HEADS = ("classifier", "score")
+FISH_MASK_FILE = "fish_mask.safetensors"  # saved in every Trainer checkpoint  # BERT/RoBERTa/DeBERTa…, GPT-style sequence classifiers
 
 
 def head_names(model: nn.Module, head: Sequence[str] | str | None = None) -> list[str]:
@@ -76,7 +78,6 @@ class _FishTrainerMixin:
         self.fish_head = fish_head
         self.fish_free_dense_grads = fish_free_dense_grads
         self.fish_kind = fish_kind
-        self.fish_max_grad_norm = None
 
     def compute_fish_mask(self) -> FishMask:
         """Fisher scores over the training set as the Trainer will feed it (its collator, its seed)."""
@@ -89,28 +90,64 @@ class _FishTrainerMixin:
     def create_optimizer(self, *args, **kwargs):
         if self.optimizer is not None:
             return self.optimizer
+        a = self.args
+        if "adamw" not in str(getattr(a.optim, "value", a.optim)).lower():
+            raise ValueError(f"FishTrainer trains with MaskedAdamW; TrainingArguments.optim={a.optim!r} is not an AdamW")
+        if a.fp16:
+            raise ValueError("FishTrainer does not support fp16 loss scaling (its clipping sees scaled gradients); use bf16=True")
         if self.fish_mask is None:
             self.fish_mask = self.compute_fish_mask()
         else:
             self.fish_mask.check_matches(self.model.named_parameters())
-        a = self.args
+        # the Trainer's weight-decay grouping: no decay for biases and norm weights
+        decay = set(self.get_decay_parameter_names(self.model))
+        named = list(self.model.named_parameters())
+        groups = [
+            {"params": [(n, p) for n, p in named if n in decay], "weight_decay": a.weight_decay},
+            {"params": [(n, p) for n, p in named if n not in decay], "weight_decay": 0.0},
+        ]
+        groups = [g for g in groups if g["params"]]
         self.optimizer = MaskedAdamW(
-            self.model.named_parameters(), self.fish_mask, lr=a.learning_rate, betas=(a.adam_beta1, a.adam_beta2),
-            eps=a.adam_epsilon, weight_decay=a.weight_decay, free_dense_grads=self.fish_free_dense_grads,
+            groups, self.fish_mask, lr=a.learning_rate, betas=(a.adam_beta1, a.adam_beta2),
+            eps=a.adam_epsilon, free_dense_grads=self.fish_free_dense_grads,
         )
-        # The Trainer would clip the dense gradient (all entries, or None with free_dense_grads);
-        # clip the trained entries instead, right before each step.
-        if a.max_grad_norm and a.max_grad_norm > 0:
-            self.fish_max_grad_norm = a.max_grad_norm
-            a.max_grad_norm = 0.0
-            opt, step = self.optimizer, self.optimizer.step
-
-            def clipped_step(closure=None):
-                opt.clip_grad_norm_(self.fish_max_grad_norm)
-                return step(closure)
-
-            opt.step = clipped_step
         return self.optimizer
+
+    def _masked_optimizer(self) -> MaskedAdamW:
+        opt = self.optimizer
+        while not isinstance(opt, MaskedAdamW) and hasattr(opt, "optimizer"):
+            opt = opt.optimizer  # accelerate's AcceleratedOptimizer wraps ours
+        return opt
+
+    def _clip_grad_norm(self, model):
+        """The Trainer's clipping, applied to the trained entries only (with free_dense_grads the
+        dense .grad is None): clip as if the model were only those entries."""
+        return self._masked_optimizer().clip_grad_norm_(self.args.max_grad_norm)
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        if self.fish_mask is not None and os.path.isdir(folder):
+            self.fish_mask.save(os.path.join(folder, FISH_MASK_FILE), overwrite=True)
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        """As Trainer.train; resuming reads the FISH mask saved with the checkpoint (a mask
+        recomputed from the fine-tuned weights would not match the saved optimizer state)."""
+        path = resume_from_checkpoint
+        if path is True:
+            from transformers.trainer_utils import get_last_checkpoint
+
+            path = get_last_checkpoint(self.args.output_dir)
+        if isinstance(path, (str, os.PathLike)) and self.fish_mask is None:
+            mask_file = os.path.join(path, FISH_MASK_FILE)
+            if not os.path.exists(mask_file):
+                raise FileNotFoundError(
+                    f"{mask_file} not found: the checkpoint was not written by FishTrainer; pass fish_mask= to resume"
+                )
+            self.fish_mask = FishMask.load(mask_file)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def save_task_file(self, path: str | os.PathLike, base, *, overwrite: bool = False) -> int:
         return save_task_file(self.model, base, self.fish_mask, path, overwrite=overwrite)
@@ -130,9 +167,12 @@ def _build_fish_trainer():
             Extra arguments: fish_density (0.005), fish_num_samples (1024, the paper's N),
             fish_mask (a precomputed FishMask: skips the Fisher pass), fish_head (head patterns,
             default "classifier"/"score"), fish_free_dense_grads (True: dense .grad freed during
-            backward), fish_kind ("empirical" or "true"). Everything else is the Trainer's; set
-            TrainingArguments(weight_decay=0.0, ...) for the paper's recipe. The mask is computed
-            on the first `train()` from `get_train_dataloader()`; `trainer.fish_mask` holds it.
+            backward), fish_kind ("empirical" or "true"). The rest is the Trainer's: its scheduler,
+            its weight-decay grouping (none on biases and norm weights), its max_grad_norm (applied
+            to the trained entries). TrainingArguments.optim must be an AdamW; fp16 loss scaling is
+            not supported (use bf16). Set weight_decay=0.0 for the paper's recipe. The mask is
+            computed on the first `train()` from `get_train_dataloader()` (`trainer.fish_mask`) and
+            saved in every checkpoint, from where `train(resume_from_checkpoint=...)` reads it.
             """
 
             def __init__(self, *args, fish_density: float = 0.005, fish_num_samples: int = 1024,
@@ -178,6 +218,12 @@ def save_task_file(
     verified byte for byte by hash)."""
     names = [n for n, _ in model.named_parameters()]
     base_params = _params(base, names)
+    for n, p in model.named_parameters():
+        if base_params[n].untyped_storage().data_ptr() == p.untyped_storage().data_ptr() and p.numel():
+            raise ValueError(
+                f"the base's {n!r} shares memory with the fine-tuned model's: pass a copy of the pretrained "
+                "weights taken before training ({n: p.detach().clone() for n, p in model.named_parameters()})"
+            )
     head = list(mask.forced)
     canonical = {n: torch.zeros_like(t) if n in head else t for n, t in base_params.items()}
     tuned = {n: p.detach() for n, p in model.named_parameters()}

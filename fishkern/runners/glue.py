@@ -61,6 +61,8 @@ class GlueConfig:
                 raise ValueError(f"the number of Fisher samples must be >= 1, got {n}")
         if self.epochs < 1 or self.lr <= 0 or (self.batch_size is not None and self.batch_size < 1):
             raise ValueError("epochs and batch size must be >= 1 and lr > 0")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight decay must be >= 0, got {self.weight_decay}")
 
 
 def _runs(cfg: GlueConfig):
@@ -118,8 +120,11 @@ def run_glue(cfg: GlueConfig) -> dict[str, Any]:
     out = Path(cfg.out_dir) / task.name
     out.mkdir(parents=True, exist_ok=True)
     summary_path = out / "results.json"
-    if summary_path.exists() and not cfg.overwrite:
-        raise FileExistsError(f"{summary_path} exists; pass --overwrite or another --out-dir")
+    if not cfg.overwrite:  # refuse before any work, not after the first run has trained
+        for p in [summary_path] + [out / _run_name(*r) / f for r in _runs(cfg)
+                                   for f in ("mask.safetensors", "task.safetensors", "result.json")]:
+            if p.exists():
+                raise FileExistsError(f"{p} exists; pass --overwrite or another --out-dir")
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     batch_size = cfg.batch_size or (8 if task.name == "rte" else 16)
 
