@@ -125,12 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     glue.add_argument("--max-eval-samples", type=_positive_int, default=None, help="use only the first N validation examples")
     _add_common(glue)
 
-    try:
-        from .runners import cifar as _cifar
+    from .runners import cifar
 
-        _cifar.add_parser(sub, _add_common)
-    except ImportError:  # the CIFAR runner lands with its own issue
-        pass
+    cifar.add_parser(sub, _add_common)
     return parser
 
 
