@@ -122,8 +122,9 @@ def build_optimizer(model: nn.Module, mask: FishMask | None, config: FinetuneCon
     """MaskedAdamW over the mask's entries; torch.optim.AdamW (fused on CUDA) for dense."""
     if mask is None:
         params = [p for p in model.parameters() if p.requires_grad]
-        fused = all(p.is_cuda for p in params) or None
-        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, fused=fused)
+        # torch's fastest AdamW where it has one (fused: CUDA, and CPU fp32/fp64 since torch 2.4)
+        fused = all(p.is_cuda or (p.device.type == "cpu" and p.dtype in (torch.float32, torch.float64)) for p in params)
+        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, fused=fused or None)
     return MaskedAdamW(
         model.named_parameters(), mask, lr=config.lr, weight_decay=config.weight_decay,
         free_dense_grads=config.free_dense_grads,
