@@ -241,8 +241,11 @@ def plot_sweep(report, path) -> None:
         if row["method"] in ("dense", "bitfit"):
             acc = 100 * row["accuracy_mean"]
             ax.axhline(acc, ls="--" if row["method"] == "dense" else ":", color="gray")
-            ax.text(left, acc, f" {row['method']} ({100 * row['density']:.2g}%)", va="bottom", fontsize=8, color="gray")
+            ax.text(left, acc, f" {row['method']} ({100 * row['density']:.3g}%)", va="bottom", fontsize=8, color="gray")
     ax.set_xscale("log")
+    ticks = sorted({100 * r["density"] for r in report["sweep"]})
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_xticks(ticks, [f"{t:g}%" for t in ticks])
     ax.set_xlabel("trained parameters (% of all, log scale)")
     ax.set_ylabel("validation accuracy (%)")
     ax.set_title("MiniLM on VADER sentiment: FISH vs random mask")
