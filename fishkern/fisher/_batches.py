@@ -131,12 +131,12 @@ def model_output_logits(out) -> Tensor:
     return logits
 
 
-def take(b: Batch, start: int, stop: int) -> Batch:
-    """Samples start..stop-1 of a batch (for the batch-size-1 loop)."""
+def _map_samples(b: Batch, cut_tensor, n: int) -> Batch:
+    """Apply `cut_tensor` to every tensor whose leading dimension is the batch size."""
 
     def cut(obj):
         if isinstance(obj, Tensor):
-            return obj[start:stop] if obj.dim() > 0 and obj.shape[0] == b.size else obj
+            return cut_tensor(obj) if obj.dim() > 0 and obj.shape[0] == b.size else obj
         if isinstance(obj, Mapping):
             return {k: cut(v) for k, v in obj.items()}
         if isinstance(obj, tuple):
@@ -145,23 +145,15 @@ def take(b: Batch, start: int, stop: int) -> Batch:
             return [cut(v) for v in obj]
         return obj
 
-    labels = b.labels[start:stop] if b.labels is not None else None
-    return Batch(cut(b.inputs), labels, stop - start, cut(b.raw))
+    labels = cut_tensor(b.labels) if b.labels is not None else None
+    return Batch(cut(b.inputs), labels, n, cut(b.raw))
+
+
+def take(b: Batch, start: int, stop: int) -> Batch:
+    """Samples start..stop-1 of a batch (for the batch-size-1 loop)."""
+    return _map_samples(b, lambda t: t[start:stop], stop - start)
 
 
 def select(b: Batch, idx: Tensor) -> Batch:
     """The samples at `idx` (a 1-D index tensor) of a batch."""
-
-    def cut(obj):
-        if isinstance(obj, Tensor):
-            return obj.index_select(0, idx.to(obj.device)) if obj.dim() > 0 and obj.shape[0] == b.size else obj
-        if isinstance(obj, Mapping):
-            return {k: cut(v) for k, v in obj.items()}
-        if isinstance(obj, tuple):
-            return tuple(cut(v) for v in obj)
-        if isinstance(obj, list):
-            return [cut(v) for v in obj]
-        return obj
-
-    labels = b.labels.index_select(0, idx.to(b.labels.device)) if b.labels is not None else None
-    return Batch(cut(b.inputs), labels, idx.numel(), cut(b.raw))
+    return _map_samples(b, lambda t: t.index_select(0, idx.to(t.device)), idx.numel())

@@ -8,12 +8,10 @@ FISH task file.
 """
 from __future__ import annotations
 
-import json
-import os
 import platform
 import statistics
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +19,7 @@ import torch
 
 from ..finetune import FinetuneConfig, FinetuneResult, finetune, select_mask
 from ..mask.builders import from_scores
-from ._report import fmt_bytes, git_revision, write_json_atomic
+from ._report import fmt_bytes, git_revision, save_figure, write_json_atomic
 
 
 @dataclass
@@ -251,10 +249,7 @@ def plot_sweep(report, path) -> None:
     ax.set_title("MiniLM on VADER sentiment: FISH vs random mask")
     ax.legend()
     fig.tight_layout()
-    tmp = str(path) + ".tmp.png"
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def render_report(report) -> str:

@@ -10,18 +10,16 @@ task's results.json collects them (plus a plot when density or N is swept).
 from __future__ import annotations
 
 import itertools
-import json
-import os
 import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..finetune import METHODS, FinetuneConfig, finetune
-from ._report import fmt_bytes, git_revision, write_json_atomic
+from ._report import fmt_bytes, git_revision, save_figure, write_json_atomic
 
 PAPER_MODEL = "bert-large-cased-whole-word-masking"
 
@@ -227,10 +225,7 @@ def plot_glue(report, path) -> None:
     ax.set_ylabel(f"{report['task']} {key}")
     ax.legend()
     fig.tight_layout()
-    tmp = str(path) + ".tmp.png"
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def render_glue(report) -> str:
