@@ -7,7 +7,7 @@ Subclasses name their per-entry state buffers and implement ``_update_run_torch`
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -260,8 +260,10 @@ class MaskedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        # Check every group before touching any: a refusal in group 1 must not leave group 0 stepped.
+        actives = [self._active(gi) for gi in range(len(self.param_groups))]
         for gi, group in enumerate(self.param_groups):
-            self._step_group(gi, group)
+            self._step_group(gi, group, actives[gi])
         return loss
 
     def _active(self, gi: int) -> list[int]:
@@ -281,8 +283,24 @@ class MaskedOptimizer(torch.optim.Optimizer):
                         "dtype or device after the optimizer was built (e.g. model.to(...) or a memory_format change); "
                         "build the optimizer after moving the model"
                     )
+                if not rt.grad_ready[i]:
+                    self._check_grad(gi, i, p, p.grad)
                 active.append(i)
+        if active:
+            self._use_triton(lay)  # raises here, before any group is touched, if the forced path cannot run
         return active
+
+    @staticmethod
+    def _check_grad(gi: int, i: int, p: Tensor, grad: Tensor) -> None:
+        where = f"param group {gi}, parameter {i} (shape {tuple(p.shape)})"
+        if grad.is_sparse:
+            raise RuntimeError(
+                f"{where} has a sparse gradient; masked optimizers need dense gradients (use sparse=False in nn.Embedding)"
+            )
+        if grad.shape != p.shape:
+            raise RuntimeError(f"{where}: its gradient has shape {tuple(grad.shape)}")
+        if grad.device != p.device:
+            raise RuntimeError(f"{where}: its gradient is on {grad.device}, the parameter on {p.device}")
 
     def _run_key(self, rt: _GroupRuntime, i: int) -> Any:
         """Per-tensor state that must be equal within a run besides step and dtype (subclasses)."""
@@ -333,9 +351,8 @@ class MaskedOptimizer(torch.optim.Optimizer):
     def _master_for(self, lay: GroupLayout, run: Run) -> bool:
         return self._needs_master(lay) and run.dtype != lay.state_dtype
 
-    def _step_group(self, gi: int, group: dict[str, Any]) -> None:
+    def _step_group(self, gi: int, group: dict[str, Any], active: list[int]) -> None:
         lay, rt = self._layouts[gi], self._runtime[gi]
-        active = self._active(gi)
         if not active:
             return
         bufs = self._ensure_buffers(gi, group)
@@ -547,7 +564,40 @@ class MaskedOptimizer(torch.optim.Optimizer):
         }
         return sd
 
+    def _check_saved_masks(self, masks: Any, saved_groups: list) -> None:
+        """The saved per-parameter mask records must exist for every group and parameter and match
+        this optimizer's masks: an empty or missing record must not pass as 'nothing to compare'."""
+        if not isinstance(masks, list) or len(masks) != len(self._layouts):
+            got = f"{len(masks)} groups" if isinstance(masks, list) else repr(type(masks).__name__)
+            raise ValueError(
+                f"state dict: the mask records ('fishkern'/'masks') must list {len(self._layouts)} param groups, got {got}; "
+                "the saved state cannot be matched to this optimizer's masks"
+            )
+        for gi, (lay, saved, saved_masks) in enumerate(zip(self._layouts, saved_groups, masks)):
+            if len(saved["params"]) != len(lay.params):
+                raise ValueError(
+                    f"param group {gi}: state dict has {len(saved['params'])} parameters, this optimizer {len(lay.params)}"
+                )
+            if not isinstance(saved_masks, list) or len(saved_masks) != len(lay.params):
+                raise ValueError(
+                    f"param group {gi}: the state dict's mask records must list {len(lay.params)} parameters, got "
+                    f"{len(saved_masks) if isinstance(saved_masks, list) else type(saved_masks).__name__}"
+                )
+            for i, rec in enumerate(saved_masks):
+                if not (isinstance(rec, (list, tuple)) and len(rec) == 3 and isinstance(rec[0], str)
+                        and all(isinstance(x, int) and not isinstance(x, bool) for x in rec[1:])):
+                    raise ValueError(f"param group {gi}, parameter {i}: malformed mask record {rec!r} in the state dict")
+                digest, k, numel = rec
+                if digest != lay.digests[i] or k != lay.k(i) or numel != lay.params[i].numel():
+                    raise ValueError(
+                        f"param group {gi}, parameter {i} (shape {tuple(lay.params[i].shape)}): the saved state "
+                        f"belongs to a different mask (k={k}, {numel} entries, digest {digest}) than this "
+                        f"optimizer's (k={lay.k(i)}, {lay.params[i].numel()} entries, digest {lay.digests[i]})"
+                    )
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"load_state_dict expects a dict (from state_dict()), got {type(state_dict).__name__}")
         meta = state_dict.get("fishkern")
         if not isinstance(meta, dict):
             raise ValueError(
@@ -558,23 +608,17 @@ class MaskedOptimizer(torch.optim.Optimizer):
             raise ValueError(f"unsupported fishkern optimizer state format {meta.get('format')!r}")
         if meta.get("optimizer") != type(self).__name__:
             raise ValueError(f"state dict of a {meta.get('optimizer')} cannot be loaded into a {type(self).__name__}")
-        saved_groups = state_dict["param_groups"]
+        saved_groups = state_dict.get("param_groups")
+        saved_state = state_dict.get("state")
+        if not isinstance(saved_groups, list) or not all(
+            isinstance(g, Mapping) and isinstance(g.get("params"), list) for g in saved_groups
+        ):
+            raise ValueError("state dict: 'param_groups' must be a list of dicts, each with a 'params' list")
+        if not isinstance(saved_state, Mapping):
+            raise ValueError("state dict: 'state' must be a dict")
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(f"state dict has {len(saved_groups)} param groups, this optimizer {len(self.param_groups)}")
-        masks = meta["masks"]
-        for gi, (lay, saved, saved_masks) in enumerate(zip(self._layouts, saved_groups, masks)):
-            if len(saved["params"]) != len(lay.params):
-                raise ValueError(
-                    f"param group {gi}: state dict has {len(saved['params'])} parameters, this optimizer {len(lay.params)}"
-                )
-            for i, (digest, k, numel) in enumerate(saved_masks):
-                if digest != lay.digests[i] or k != lay.k(i) or numel != lay.params[i].numel():
-                    raise ValueError(
-                        f"param group {gi}, parameter {i} (shape {tuple(lay.params[i].shape)}): the saved state "
-                        f"belongs to a different mask (k={k}, {numel} entries, digest {digest}) than this "
-                        f"optimizer's (k={lay.k(i)}, {lay.params[i].numel()} entries, digest {lay.digests[i]})"
-                    )
-        saved_state = state_dict["state"]
+        self._check_saved_masks(meta.get("masks"), saved_groups)
         # Validate everything before touching anything, so a bad state dict changes nothing.
         plan = []
         for gi, (lay, saved) in enumerate(zip(self._layouts, saved_groups)):
@@ -583,19 +627,24 @@ class MaskedOptimizer(torch.optim.Optimizer):
                 st = saved_state.get(pid)
                 if st is None:
                     continue
+                where = f"param group {gi}, parameter {i}"
+                if not isinstance(st, Mapping):
+                    raise ValueError(f"{where}: saved state must be a dict, got {type(st).__name__}")
                 for name in names + (["master"] if "master" in st else []):
                     if name not in st:
-                        raise ValueError(f"param group {gi}, parameter {i}: saved state lacks '{name}'")
-                    if st[name].numel() != lay.k(i):
+                        raise ValueError(f"{where}: saved state lacks '{name}'")
+                    v = st[name]
+                    if not isinstance(v, Tensor) or not v.is_floating_point():
+                        kind = f"a {v.dtype} tensor" if isinstance(v, Tensor) else f"a {type(v).__name__}"
+                        raise ValueError(f"{where}: saved '{name}' must be a floating-point tensor, got {kind}")
+                    if v.numel() != lay.k(i):
                         raise ValueError(
-                            f"param group {gi}, parameter {i}: saved '{name}' has {st[name].numel()} entries, "
-                            f"the mask selects {lay.k(i)}"
+                            f"{where}: saved '{name}' has {v.numel()} entries, the mask selects {lay.k(i)}"
                         )
                 # copies: `st` may hold views of this very optimizer's buffers (a live state_dict())
-                saved = {name: v.detach().clone() for name, v in st.items() if isinstance(v, Tensor) and name != "step"}
-                step = st["step"]
-                saved["step"] = int(step.item() if isinstance(step, Tensor) else step)
-                plan.append((gi, i, saved))
+                saved_copy = {name: v.detach().clone() for name, v in st.items() if isinstance(v, Tensor) and name != "step"}
+                saved_copy["step"] = _saved_step(st.get("step"), where)
+                plan.append((gi, i, saved_copy))
         self.state.clear()
         for gi, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
             for key, value in saved.items():
@@ -625,3 +674,14 @@ class MaskedOptimizer(torch.optim.Optimizer):
             touched.add((gi, i))
         for gi, i in sorted(touched):
             self._publish_state(gi, i)
+
+
+def _saved_step(step: Any, where: str) -> int:
+    """A saved step count as an int: a 0-d tensor or a number, integral and non-negative."""
+    if isinstance(step, Tensor):
+        if step.numel() != 1:
+            raise ValueError(f"{where}: saved 'step' must be a scalar, got shape {tuple(step.shape)}")
+        step = step.item()
+    if isinstance(step, bool) or not isinstance(step, (int, float)) or step != step or step < 0 or step != int(step):
+        raise ValueError(f"{where}: saved 'step' must be a non-negative whole number, got {step!r}")
+    return int(step)
