@@ -43,6 +43,14 @@ flat buffer, one collective per exchange; the indices are shared and never trave
   its fp32 masters follow the exchange.
 """
 from .averager import SparseAverager
+from .ddp import (
+    MaskedCommState,
+    comm_stats,
+    masked_allreduce_hook,
+    masked_bf16_compress_hook,
+    masked_ddp,
+    register_masked_comm_hook,
+)
 from .errors import (
     CollectiveError,
     CollectiveTimeoutError,
@@ -55,6 +63,12 @@ from .masks import all_gather_masks, broadcast_mask, mask_from_tensors, mask_to_
 
 __all__ = [
     "SparseAverager",
+    "masked_ddp",
+    "register_masked_comm_hook",
+    "masked_allreduce_hook",
+    "masked_bf16_compress_hook",
+    "MaskedCommState",
+    "comm_stats",
     "broadcast_mask",
     "all_gather_masks",
     "mask_to_tensors",

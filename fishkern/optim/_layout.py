@@ -116,6 +116,11 @@ class GroupLayout:
     contiguous: list[bool] = field(default_factory=list)
     trainable: list[int] = field(default_factory=list)  # positions with k_i > 0, in order
     rank: dict[int, int] = field(default_factory=dict)  # position -> its index in `trainable`
+    # The group's parameters as the user passed them. Usually the same tensors as `params`; for a
+    # sharded (DTensor) parameter, `params` holds its local shard and `shards` where it sits.
+    owners: list[Tensor] = field(default_factory=list)
+    shards: list = field(default_factory=list)  # ShardInfo or None per parameter
+    global_k: list[int] = field(default_factory=list)  # entries of the whole parameter (all shards)
 
     @property
     def total(self) -> int:
@@ -201,4 +206,7 @@ def build_group_layout(params: list[Tensor], masks: list[Tensor], group_no: int)
         contiguous=contiguous,
         trainable=[i for i in range(len(params)) if starts[i + 1] > starts[i]],
         rank={i: r for r, i in enumerate(i for i in range(len(params)) if starts[i + 1] > starts[i])},
+        owners=list(params),
+        shards=[None] * len(params),
+        global_k=[starts[i + 1] - starts[i] for i in range(len(params))],
     )

@@ -19,7 +19,9 @@ from ..mask.fishmask import FishMask
 from ..ops.masked_copy import gather_masked, scatter_masked_
 from ..ops._triton import triton_installed, triton_interpreting, triton_usable_on
 from ..ops.multi_tensor import AddressTable, BlockTable, build_block_table
-from ._layout import GroupLayout, build_group_layout, flat_memory_view
+from . import _ddp
+from ._layout import GroupLayout, build_group_layout, check_mask_indices, flat_memory_view
+from ._sharded import is_dtensor, local_tensor, shard_info
 
 STATE_DICT_FORMAT = 1
 IMPLEMENTATIONS = ("auto", "torch", "triton")
@@ -98,6 +100,7 @@ class MaskedOptimizer(torch.optim.Optimizer):
         self.master_weights = bool(master_weights)
         self.implementation = implementation
         self._native: bool | None = None
+        self._ddp_searched = False
         try:
             super().__init__(params, defaults)
         except BaseException:
@@ -110,6 +113,7 @@ class MaskedOptimizer(torch.optim.Optimizer):
                 "it must hold exactly one index tensor per parameter, in order"
             )
         self._pending_masks = None
+        self._ddp_searched = False  # DDP may be built after the optimizer: look again at the first backward
 
     # ------------------------------------------------------------------ groups and masks
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -153,12 +157,40 @@ class MaskedOptimizer(torch.optim.Optimizer):
                     f"{len(params)}, {len(self._pending_masks)} left); it must hold one index tensor per parameter"
                 )
             masks, self._pending_masks = self._pending_masks[: len(params)], self._pending_masks[len(params) :]
-        layout = build_group_layout(params, masks, group_no)
+        layout = self._build_layout(params, masks, group_no)
         super().add_param_group(param_group)
         self._layouts.append(layout)
         self._runtime.append(_GroupRuntime(layout))
         if self.free_dense_grads:
             self._register_grad_hooks(len(self._layouts) - 1)
+
+    @staticmethod
+    def _build_layout(params: list, masks: list, group_no: int) -> GroupLayout:
+        """The group's layout; sharded (DTensor) parameters are laid out over their local shard with
+        the part of the (global) mask that falls in it."""
+        shards = [None] * len(params)
+        local, local_masks = list(params), list(masks)
+        global_k = {}
+        for j, p in enumerate(params):
+            if j < len(masks) and is_dtensor(p):
+                where = f"param group {group_no}, parameter {j} (shape {tuple(p.shape)})"
+                shards[j] = shard_info(p, where)
+                local[j] = local_tensor(p)
+                checked = check_mask_indices(p, masks[j], where)  # global indices, sorted
+                global_k[j] = checked.numel()
+                local_masks[j] = shards[j].localize(checked.to(torch.int64)).to(local[j].device)
+        layout = build_group_layout(local, local_masks, group_no)
+        layout.owners, layout.shards = list(params), shards
+        layout.global_k = [global_k.get(j, layout.k(j)) for j in range(len(params))]
+        return layout
+
+    @staticmethod
+    def _grad_of(lay: GroupLayout, i: int) -> Tensor | None:
+        """Parameter i's dense gradient as a plain tensor laid out like ``lay.params[i]``."""
+        g = lay.owners[i].grad
+        if g is not None and lay.shards[i] is not None:
+            g = local_tensor(g)
+        return g
 
     def _use_triton(self, layout: GroupLayout) -> bool:
         # float64 groups always take the PyTorch path: Triton passes scalar arguments (lr, bias
@@ -205,10 +237,20 @@ class MaskedOptimizer(torch.optim.Optimizer):
 
     def _register_grad_hooks(self, gi: int) -> None:
         lay = self._layouts[gi]
-        for i, p in enumerate(lay.params):
-            if lay.k(i) == 0:
+        for i, p in enumerate(lay.owners):
+            # global k: a rank whose shard holds none of a parameter's entries must still treat it as
+            # trained, or the ranks would disagree on which gradients FSDP reduces
+            if lay.global_k[i] == 0:
                 # Nothing of it is trained: autograd need not compute its gradient at all.
                 if p.requires_grad:
+                    if _ddp.multi_rank() and self._ddp_reducing(p) is not None:
+                        raise ValueError(
+                            f"param group {gi}, parameter {i} (shape {tuple(p.shape)}) has no masked entry and "
+                            "free_dense_grads=True would freeze it, but a DistributedDataParallel module already "
+                            "reduces it (DDP would then wait for its gradient forever). Build the optimizer before "
+                            "wrapping the model in DDP, or wrap with fishkern.distributed.masked_ddp(model, mask), "
+                            "which freezes such parameters first"
+                        )
                     p.requires_grad_(False)
                     self._frozen_by_us.append(p)
                 continue
@@ -218,14 +260,37 @@ class MaskedOptimizer(torch.optim.Optimizer):
 
     def _make_hook(self, gi: int, i: int):
         def hook(p: Tensor) -> None:
-            lay, rt = self._layouts[gi], self._runtime[gi]
-            out = self._grad_buffer(gi)[lay.slice(i)]
-            with torch.no_grad():
-                self._gather_grad(lay, i, p.grad, out, accumulate=rt.grad_ready[i])
-            rt.grad_ready[i] = True
-            p.grad = None  # the dense gradient is freed as soon as its k entries are safe
+            ddp = self._ddp_reducing(p)
+            if ddp is not None:
+                # DDP reduces this gradient after this hook: gather once it has (see optim/_ddp.py);
+                # inside no_sync() leave .grad to accumulate, DDP reduces the sum later.
+                if _ddp.reduces_this_backward(ddp):
+                    _ddp.after_ddp_reduction(lambda: self._gather_and_free(gi, i))
+                return
+            self._gather_and_free(gi, i)
 
         return hook
+
+    def _gather_and_free(self, gi: int, i: int) -> None:
+        lay, rt = self._layouts[gi], self._runtime[gi]
+        grad = self._grad_of(lay, i)
+        if grad is None:
+            return
+        out = self._grad_buffer(gi)[lay.slice(i)]
+        with torch.no_grad():
+            self._gather_grad(lay, i, grad, out, accumulate=rt.grad_ready[i])
+        rt.grad_ready[i] = True
+        lay.owners[i].grad = None  # the dense gradient is freed as soon as its k entries are safe
+
+    def _ddp_reducing(self, p: Tensor):
+        """The DDP module that reduces p's gradient, or None (looked up once per optimizer in a
+        multi-rank process group if nothing registered it)."""
+        ddp = _ddp.ddp_of(p)
+        if ddp is None and not self._ddp_searched and _ddp.multi_rank():
+            self._ddp_searched = True
+            _ddp.discover_ddp()
+            ddp = _ddp.ddp_of(p)
+        return ddp
 
     def remove_grad_hooks(self) -> None:
         """Undo ``free_dense_grads``: remove the hooks and give back requires_grad to the
@@ -270,10 +335,11 @@ class MaskedOptimizer(torch.optim.Optimizer):
         lay, rt = self._layouts[gi], self._runtime[gi]
         active = []
         for i in lay.trainable:
-            p = lay.params[i]
-            if rt.grad_ready[i] or p.grad is not None:
+            p, grad = lay.params[i], self._grad_of(lay, i)
+            if rt.grad_ready[i] or grad is not None:
                 if (
-                    p.stride() != rt.strides[i]
+                    (lay.shards[i] is not None and local_tensor(lay.owners[i]) is not p)
+                    or p.stride() != rt.strides[i]
                     or p.shape != rt.shapes[i]
                     or p.device != lay.device
                     or p.dtype != rt.dtypes[i]
@@ -284,7 +350,7 @@ class MaskedOptimizer(torch.optim.Optimizer):
                         "build the optimizer after moving the model"
                     )
                 if not rt.grad_ready[i]:
-                    self._check_grad(gi, i, p, p.grad)
+                    self._check_grad(gi, i, p, grad)
                 active.append(i)
         if active:
             self._use_triton(lay)  # raises here, before any group is touched, if the forced path cannot run
@@ -339,7 +405,7 @@ class MaskedOptimizer(torch.optim.Optimizer):
                 rt.buffers[name] = torch.zeros(lay.total, dtype=lay.state_dtype, device=lay.device)
                 added = True
         if added:
-            for i, p in enumerate(lay.params):
+            for i, p in enumerate(lay.owners):
                 if p in self.state:
                     self._publish_state(gi, i)
         return rt.buffers
@@ -399,7 +465,7 @@ class MaskedOptimizer(torch.optim.Optimizer):
             if name == "master" and lay.params[i].dtype == lay.state_dtype:
                 continue
             st[name] = buf[sl]
-        self.state[lay.params[i]] = st
+        self.state[lay.owners[i]] = st
 
     # --- the torch path: gather, one vectorised update per run, scatter
     def _native_copies(self, lay: GroupLayout) -> bool:
@@ -418,13 +484,13 @@ class MaskedOptimizer(torch.optim.Optimizer):
         batched = []  # gradients laid out like their parameter: gathered in one native call
         for i in run.positions:
             if lay.k(i) and not rt.grad_ready[i]:
-                p, g = lay.params[i], lay.params[i].grad
+                p, g = lay.params[i], self._grad_of(lay, i)
                 if native and not g.is_sparse and g.shape == p.shape and g.stride() == p.stride():
                     batched.append(i)
                 else:
                     self._gather_grad(lay, i, g, grad[lay.slice(i)], accumulate=False)
         if batched:
-            gather_masked([lay.params[i].grad for i in batched], lay.flat_mem_indices, *lay.segments(batched), grad)
+            gather_masked([self._grad_of(lay, i) for i in batched], lay.flat_mem_indices, *lay.segments(batched), grad)
         if has_master:
             values = rt.buffers["master"]
         else:
@@ -471,7 +537,7 @@ class MaskedOptimizer(torch.optim.Optimizer):
         grad_addr = None
         if not has_grad_flat:
             grad_addr = rt.grad_addr.update(
-                [p.grad.data_ptr() if p.grad is not None and lay.k(i) else 0 for i, p in enumerate(lay.params)]
+                [g.data_ptr() if (g := self._grad_of(lay, i)) is not None and lay.k(i) else 0 for i in range(len(lay.params))]
             )
         return rt.block_table, param_addr, grad_addr
 
@@ -483,7 +549,7 @@ class MaskedOptimizer(torch.optim.Optimizer):
         for i in run.positions:
             if not lay.k(i):
                 continue
-            g = lay.params[i].grad
+            g = self._grad_of(lay, i)
             if rt.grad_ready[i] or g is None or g.is_sparse or g.stride() != lay.params[i].stride() or g.dtype != lay.params[i].dtype:
                 direct = False
                 break
@@ -492,7 +558,7 @@ class MaskedOptimizer(torch.optim.Optimizer):
         grad = self._grad_buffer(gi)
         for i in run.positions:
             if lay.k(i) and not rt.grad_ready[i]:
-                self._gather_grad(lay, i, lay.params[i].grad, grad[lay.slice(i)], accumulate=False)
+                self._gather_grad(lay, i, self._grad_of(lay, i), grad[lay.slice(i)], accumulate=False)
         return grad
 
     # ------------------------------------------------------------------ subclass interface
@@ -515,27 +581,69 @@ class MaskedOptimizer(torch.optim.Optimizer):
         ``torch.nn.utils.clip_grad_norm_`` would see nothing). Returns the total norm before clipping.
         Unselected gradient entries are ignored; call it between ``backward()`` and ``step()``.
         """
-        pieces = []  # (group, position, flat gradient entries as a view that can be scaled in place)
+        pieces = []  # flat gradient entries, as views that can be scaled in place
+        sharded = []  # whether the piece is one rank's shard of a parameter (its norm spans ranks)
         for gi, (lay, rt) in enumerate(zip(self._layouts, self._runtime)):
             for i in lay.trainable:
                 if rt.grad_ready[i]:
                     pieces.append(rt.grad[lay.slice(i)])
-                elif lay.params[i].grad is not None:
+                elif (g := self._grad_of(lay, i)) is not None:
                     # gather once, and stash in the flat buffer so step() uses the clipped values
                     out = self._grad_buffer(gi)[lay.slice(i)]
-                    self._gather_grad(lay, i, lay.params[i].grad, out, accumulate=False)
+                    self._gather_grad(lay, i, g, out, accumulate=False)
                     rt.grad_ready[i] = True
                     pieces.append(out)
-        if not pieces:
+                else:
+                    continue
+                sharded.append(lay.shards[i] is not None and lay.shards[i].group is not None)
+        shard_group = self._shard_group()
+        if shard_group is not None:
+            total = self._sharded_total_norm(pieces, sharded, float(norm_type), shard_group)
+        elif not pieces:
             return torch.tensor(0.0)
-        norms = [torch.linalg.vector_norm(g, norm_type) for g in pieces]
-        total = torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]), norm_type)
+        else:
+            norms = [torch.linalg.vector_norm(g, norm_type) for g in pieces]
+            total = torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]), norm_type)
+        if not pieces:
+            return total
         if error_if_nonfinite and not torch.isfinite(total):
             raise RuntimeError(f"the total norm of order {norm_type} of the masked gradients is non-finite")
         coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
         for g in pieces:
             g.mul_(coef.to(g.device, g.dtype))
         return total
+
+    def _shard_group(self):
+        """The process group over which this optimizer's sharded parameters are split, or None."""
+        groups = {id(sh.group): sh.group for lay in self._layouts for sh in lay.shards if sh is not None and sh.group is not None}
+        if len(groups) > 1:
+            raise RuntimeError("clip_grad_norm_: the sharded parameters are split over different process groups")
+        return next(iter(groups.values()), None)
+
+    @staticmethod
+    def _sharded_total_norm(pieces: list[Tensor], sharded: list[bool], p: float, group) -> Tensor:
+        """Norm over all ranks' shards: the shards' sum of |g|^p (max for p=inf) is all-reduced over
+        the shard group; replicated parameters count once. Every rank must call it (it is a collective),
+        also one whose shard holds no entries."""
+        import torch.distributed as dist
+
+        inf = p == float("inf")
+        device = pieces[0].device if pieces else torch.device("cpu")
+        if dist.get_backend(group) == "nccl" and device.type != "cuda":
+            device = torch.device("cuda", torch.cuda.current_device())
+
+        def agg(ps: list[Tensor]) -> Tensor:
+            if not ps:
+                return torch.zeros((), dtype=torch.float64, device=device)
+            n = torch.stack([torch.linalg.vector_norm(g, p).to(device, torch.float64) for g in ps])
+            return n.max() if inf else n.pow(p).sum()
+
+        local = agg([g for g, sh in zip(pieces, sharded) if sh]).reshape(1)
+        dist.all_reduce(local, op=dist.ReduceOp.MAX if inf else dist.ReduceOp.SUM, group=group)
+        rep = agg([g for g, sh in zip(pieces, sharded) if not sh])
+        total = torch.maximum(local[0], rep) if inf else (local[0] + rep).pow(1.0 / p)
+        dtype = pieces[0].dtype if pieces else torch.float32
+        return total.to(dtype)
 
     # ------------------------------------------------------------------ introspection
     def num_masked(self) -> int:
