@@ -69,23 +69,58 @@ def _trainer_base():
 class _FishTrainerMixin:
     """Methods shared by FishTrainer (kept apart so the class can be built lazily)."""
 
-    def _init_fish(self, fish_density, fish_num_samples, fish_mask, fish_head, fish_free_dense_grads, fish_kind):
+    def _init_fish(self, fish_density, fish_num_samples, fish_mask, fish_head, fish_free_dense_grads, fish_kind,
+                   fish_comm_hook, fish_comm_dtype):
         if fish_mask is None and not (0.0 < fish_density <= 1.0):
             raise ValueError(f"fish_density must be in (0, 1], got {fish_density!r}")
+        if fish_comm_dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"fish_comm_dtype must be None, torch.float32, torch.bfloat16 or torch.float16, got {fish_comm_dtype!r}")
         self.fish_density = fish_density
         self.fish_num_samples = fish_num_samples
         self.fish_mask = fish_mask
         self.fish_head = fish_head
         self.fish_free_dense_grads = fish_free_dense_grads
         self.fish_kind = fish_kind
+        self.fish_comm_hook = fish_comm_hook
+        self.fish_comm_dtype = fish_comm_dtype
+        self.fish_comm_state = None  # the masked DDP hook's state (byte counters) once training runs under DDP
+        self.add_callback(_distributed_callback(self))
+
+    def _multi_process(self) -> bool:
+        import torch.distributed as dist
+
+        return self.args.world_size > 1 and dist.is_available() and dist.is_initialized()
 
     def compute_fish_mask(self) -> FishMask:
-        """Fisher scores over the training set as the Trainer will feed it (its collator, its seed)."""
+        """Fisher scores over the training set as the Trainer will feed it (its collator, its seed).
+        With several processes (torchrun, accelerate launch) each process scores its share of the N
+        samples from its own shard of the data, the scores are summed over the processes and the
+        main process selects the mask and broadcasts it: one mask, the same on every rank."""
         loader = self.get_train_dataloader()
-        return fish_mask_for(
-            self.model, loader, self.fish_density, self.fish_num_samples, head=self.fish_head,
-            kind=self.fish_kind, seed=self.args.seed, progress=not self.args.disable_tqdm,
-        )
+        kwargs = dict(kind=self.fish_kind, seed=self.args.seed, progress=not self.args.disable_tqdm and self.is_world_process_zero())
+        if self._multi_process():
+            from ..distributed.fisher import fisher_mask_distributed
+
+            return fisher_mask_distributed(
+                self.model, loader, self.fish_density, self.fish_num_samples,
+                force=head_names(self.model, self.fish_head), **kwargs,
+            )
+        return fish_mask_for(self.model, loader, self.fish_density, self.fish_num_samples, head=self.fish_head, **kwargs)
+
+    def _setup_ddp(self) -> None:
+        """Called when training starts, after the Trainer wrapped the model: under DDP, send only the
+        masked gradient entries (4·k bytes a step instead of 4·|θ|)."""
+        from torch.nn.parallel import DistributedDataParallel
+
+        ddp = self.model_wrapped
+        if not isinstance(ddp, DistributedDataParallel) or getattr(ddp, "_fishkern_comm_state", None) is not None:
+            return
+        from ..distributed.ddp import register_masked_comm_hook
+        from ..optim import _ddp
+
+        _ddp.register_ddp(ddp)  # the optimizer gathers free_dense_grads after DDP's reduction
+        if self.fish_comm_hook:
+            self.fish_comm_state = register_masked_comm_hook(ddp, self._masked_optimizer(), dtype=self.fish_comm_dtype)
 
     def create_optimizer(self, *args, **kwargs):
         if self.optimizer is not None:
@@ -129,7 +164,7 @@ class _FishTrainerMixin:
         from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
         folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-        if self.fish_mask is not None and os.path.isdir(folder):
+        if self.fish_mask is not None and self.args.should_save and os.path.isdir(folder):  # the main process only
             self.fish_mask.save(os.path.join(folder, FISH_MASK_FILE), overwrite=True)
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
@@ -150,7 +185,26 @@ class _FishTrainerMixin:
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def save_task_file(self, path: str | os.PathLike, base, *, overwrite: bool = False) -> int:
-        return save_task_file(self.model, base, self.fish_mask, path, overwrite=overwrite)
+        """Write the task file (see ``save_task_file``); with several processes only the main one
+        writes (the others return 0 once it is written)."""
+        written = 0
+        if self.args.should_save:
+            written = save_task_file(self.model, base, self.fish_mask, path, overwrite=overwrite)
+        if self._multi_process():
+            self.accelerator.wait_for_everyone()
+        return written
+
+
+def _distributed_callback(trainer):
+    """A TrainerCallback whose on_train_begin — after the Trainer has built the optimizer and
+    wrapped the model (DDP) — sets up the masked gradient all-reduce."""
+    from transformers import TrainerCallback
+
+    class FishDistributedCallback(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            trainer._setup_ddp()
+
+    return FishDistributedCallback()
 
 
 _FISH_TRAINER = None
@@ -167,7 +221,9 @@ def _build_fish_trainer():
             Extra arguments: fish_density (0.005), fish_num_samples (1024, the paper's N),
             fish_mask (a precomputed FishMask: skips the Fisher pass), fish_head (head patterns,
             default "classifier"/"score"), fish_free_dense_grads (True: dense .grad freed during
-            backward), fish_kind ("empirical" or "true"). The rest is the Trainer's: its scheduler,
+            backward), fish_kind ("empirical" or "true"), fish_comm_hook (True: under DDP only the masked
+            gradient entries are all-reduced, 4·k bytes a step), fish_comm_dtype (None, or torch.bfloat16
+            to send them in 2·k bytes). The rest is the Trainer's: its scheduler,
             its weight-decay grouping (none on biases and norm weights), its max_grad_norm (applied
             to the trained entries). TrainingArguments.optim must be an AdamW; fp16 loss scaling is
             not supported (use bf16). Set weight_decay=0.0 for the paper's recipe. The mask is
@@ -177,9 +233,10 @@ def _build_fish_trainer():
 
             def __init__(self, *args, fish_density: float = 0.005, fish_num_samples: int = 1024,
                          fish_mask: FishMask | None = None, fish_head=None, fish_free_dense_grads: bool = True,
-                         fish_kind: str = "empirical", **kwargs):
+                         fish_kind: str = "empirical", fish_comm_hook: bool = True, fish_comm_dtype=None, **kwargs):
                 super().__init__(*args, **kwargs)
-                self._init_fish(fish_density, fish_num_samples, fish_mask, fish_head, fish_free_dense_grads, fish_kind)
+                self._init_fish(fish_density, fish_num_samples, fish_mask, fish_head, fish_free_dense_grads, fish_kind,
+                                fish_comm_hook, fish_comm_dtype)
 
         _FISH_TRAINER = FishTrainer
     return _FISH_TRAINER
