@@ -6,6 +6,13 @@ with a linear learning-rate decay, evaluates after every epoch, and measures wha
 and ours report: trainable entries, optimizer-state bytes, peak memory, Fisher time, step time.
 
 It is also the reference for a hand-written loop: see `train_epoch` for the step sequence.
+
+Under torchrun (an initialised process group of W > 1 ranks) the same call trains data-parallel:
+every rank takes its rows of each global batch (`fishkern.distributed.loop.ShardedBatches`), the
+Fisher pass is split across the ranks (`fisher_mask_distributed`: one mask, chosen on rank 0), and
+the model is wrapped in DDP — with the masked all-reduce hook for sparse methods
+(`fishkern.distributed.masked_ddp`), DDP's own for dense. Results equal one process over the same
+global batches within floating-point rounding; every rank returns them.
 """
 from __future__ import annotations
 
@@ -159,15 +166,17 @@ def _sync(device):
 def train_epoch(model, batches, optimizer, scheduler, *, max_grad_norm=None, device=None, progress=None,
                 step_times=None, opt_times=None) -> float:
     """One epoch of the standard loop: forward (HF models compute the loss from "labels"), backward,
-    clip, optimizer step, scheduler step, zero_grad. Returns the mean training loss."""
+    clip, optimizer step, scheduler step, zero_grad. Returns the mean training loss. A batch with a
+    ``loss_scale`` (a data-parallel rank's share, see ShardedBatches) scales its loss for backward."""
     device = device or next(model.parameters()).device
     model.train()
     total, n = 0.0, 0
     for batch in batches:
         t0 = time.perf_counter()
+        scale = getattr(batch, "loss_scale", 1.0)
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         out = model(**batch)
-        out.loss.backward()
+        (out.loss * scale if scale != 1.0 else out.loss).backward()
         _sync(device)
         t1 = time.perf_counter()
         _clip(model, optimizer, max_grad_norm)
@@ -176,7 +185,7 @@ def train_epoch(model, batches, optimizer, scheduler, *, max_grad_norm=None, dev
         t2 = time.perf_counter()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        total += out.loss.item()
+        total += out.loss.item() * scale  # a rank's share of the global batch's mean loss (times W)
         n += 1
         if step_times is not None:
             step_times.append(t2 - t0)
@@ -206,10 +215,19 @@ def finetune(
 
     device = next(model.parameters()).device
     torch.manual_seed(config.seed)
+    rank, world = _data_parallel()
+    fisher_data = fisher_data if fisher_data is not None else train
+    if world > 1:
+        from .distributed.loop import ShardedBatches
+
+        train, fisher_data = ShardedBatches(train, rank, world), ShardedBatches(fisher_data, rank, world)
+        progress = progress and rank == 0
     fisher_result = None
-    if mask is None and config.method != "dense":
+    if mask is None and config.method == "fish" and world > 1:
+        mask, fisher_result = _fish_mask_data_parallel(model, fisher_data, config, progress)
+    elif mask is None and config.method != "dense":
         mask, fisher_result = select_mask(
-            model, config.method, config.density, fisher_data=fisher_data if fisher_data is not None else train,
+            model, config.method, config.density, fisher_data=fisher_data,
             num_samples=config.num_samples, head=config.head, seed=config.seed,
             fisher_kind=config.fisher_kind, progress=progress,
         )
@@ -223,6 +241,7 @@ def finetune(
     try:
         with PeakMemory(device) as peak:
             optimizer = build_optimizer(model, mask, config)
+            net = _wrap_data_parallel(model, mask) if world > 1 else model  # after the optimizer: k=0 frozen
             scheduler = linear_schedule(optimizer, steps_per_epoch * config.epochs, config.warmup_ratio)
             bar = tqdm(total=steps_per_epoch * config.epochs, desc=desc or config.method, unit="step",
                        disable=not progress, leave=False)
@@ -230,8 +249,10 @@ def finetune(
                 for epoch in range(config.epochs):
                     if hasattr(train, "set_epoch"):
                         train.set_epoch(epoch)
-                    loss = train_epoch(model, train, optimizer, scheduler, max_grad_norm=config.max_grad_norm,
+                    loss = train_epoch(net, train, optimizer, scheduler, max_grad_norm=config.max_grad_norm,
                                        device=device, progress=bar, step_times=step_times, opt_times=opt_times)
+                    if world > 1:
+                        loss = _mean_over_ranks(loss, world)
                     metrics = evaluate(model)
                     history.append({"epoch": epoch + 1, "train_loss": loss, **metrics})
             finally:
@@ -265,3 +286,47 @@ def finetune(
         history=history,
         mask=mask,
     )
+
+
+# ------------------------------------------------------------------------------ data parallel
+def _data_parallel() -> tuple[int, int]:
+    """(rank, world size) of an initialised multi-rank process group, else (0, 1)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _mean_over_ranks(value: float, world: int) -> float:
+    """The ranks' scaled local losses averaged: the mean loss over the global batches."""
+    import torch.distributed as dist
+
+    t = torch.tensor([value], dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t)
+    return float(t.item()) / world
+
+
+def _fish_mask_data_parallel(model, fisher_data, config: FinetuneConfig, progress: bool):
+    """The FISH mask with the Fisher pass split across the ranks (one mask, chosen on rank 0)."""
+    from types import SimpleNamespace
+
+    from .distributed.fisher import fisher_mask_distributed
+
+    head = list(config.head)
+    t0 = time.perf_counter()
+    mask = fisher_mask_distributed(model, fisher_data, config.density, config.num_samples,
+                                   force=head, kind=config.fisher_kind, seed=config.seed, progress=progress)
+    info = SimpleNamespace(seconds=time.perf_counter() - t0, num_samples=config.num_samples)
+    return mask, info
+
+
+def _wrap_data_parallel(model, mask):
+    """DDP for the training forward: only the masked gradient entries travel for sparse methods."""
+    if mask is None:
+        return torch.nn.parallel.DistributedDataParallel(model)
+    from .distributed.ddp import masked_ddp
+
+    return masked_ddp(model, mask)

@@ -105,8 +105,38 @@ def evaluate_glue(model, loaders: dict[str, Any], task, device) -> dict[str, flo
     return out
 
 
+def _launched_ranks() -> tuple[int, int, bool]:
+    """(rank, world size, whether we initialised the group) — under torchrun (WORLD_SIZE > 1) the
+    default process group is initialised here (gloo on CPU, NCCL on CUDA) unless it already is."""
+    import os
+
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available():
+        return 0, 1, False
+    created = not dist.is_initialized()
+    if created:
+        from ..distributed.launch import init_from_env
+
+        init_from_env()
+    return dist.get_rank(), dist.get_world_size(), created
+
+
 def run_glue(cfg: GlueConfig) -> dict[str, Any]:
+    """All runs of the config. Under ``torchrun --nproc-per-node W -m fishkern glue ...`` every
+    rank trains on its share of each global batch (see fishkern.finetune); rank 0 writes the files."""
     cfg.check()
+    rank, world, created = _launched_ranks()
+    try:
+        return _run_glue(cfg, rank, world)
+    finally:
+        if created:
+            from ..distributed.launch import shutdown
+
+            shutdown()
+
+
+def _run_glue(cfg: GlueConfig, rank: int, world: int) -> dict[str, Any]:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -124,6 +154,10 @@ def run_glue(cfg: GlueConfig) -> dict[str, Any]:
             if p.exists():
                 raise FileExistsError(f"{p} exists; pass --overwrite or another --out-dir")
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if world > 1 and device.type == "cuda" and device.index is None:
+        import os
+
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     batch_size = cfg.batch_size or (8 if task.name == "rte" else 16)
 
     raw = load_glue(task.name, cfg.data_dir)
@@ -167,11 +201,13 @@ def run_glue(cfg: GlueConfig) -> dict[str, Any]:
         row = res.summary()
         row.update(run=name, task=task.name, density_requested=density, num_samples_requested=n,
                    seconds=time.perf_counter() - t0)
-        if res.mask is not None:
+        row["world_size"] = world
+        if res.mask is not None and rank == 0:
             res.mask.save(run_dir / "mask.safetensors", overwrite=cfg.overwrite)
             row["task_file_bytes"] = save_task_file(model, base, res.mask, run_dir / "task.safetensors",
                                                     overwrite=cfg.overwrite, extra={"task": task.name, "run": name})
-        write_json_atomic(run_dir / "result.json", row)
+        if rank == 0:
+            write_json_atomic(run_dir / "result.json", row)
         results.append(row)
         del model, base
     report = {
@@ -183,6 +219,9 @@ def run_glue(cfg: GlueConfig) -> dict[str, Any]:
                         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None},
         "runs": results,
     }
+    report["world_size"] = world
+    if rank != 0:
+        return report
     write_json_atomic(summary_path, report)
     if len(cfg.densities) > 1 or len(cfg.num_samples) > 1:
         plot_glue(report, out / "sweep.png")

@@ -1,0 +1,100 @@
+"""`torchrun --nproc-per-node 2 -m fishkern glue ...` (issue 11's recipe) against the same command in
+one process: the same mask, the same metrics and trained entries within rounding, files written once."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("datasets")
+
+from fishkern import FishMask  # noqa: E402
+from fishkern.data import minilm_path  # noqa: E402
+from fishkern.diff import SparseDiff  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+WORDS = ["good", "great", "awful", "bad", "lovely", "terrible", "nice", "horrible", "fine", "sad", "happy", "ugly"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def glue_inputs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("glue_ddp")
+    tok = transformers.AutoTokenizer.from_pretrained(str(minilm_path()))
+    cfg = transformers.BertConfig(
+        vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,
+        max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,  # no per-rank RNG
+    )
+    torch.manual_seed(0)
+    transformers.BertModel(cfg).save_pretrained(d / "model")
+    tok.save_pretrained(d / "model")
+    data = d / "data"
+    data.mkdir()
+    for split, n in (("train", 30), ("validation", 12)):
+        with open(data / f"{split}.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["sentence", "label", "idx"])
+            for i in range(n):
+                word = WORDS[(i * 7) % 12]
+                w.writerow([f"a {word} film", int(WORDS.index(word) % 2 == 0), i])
+    return d
+
+
+def _glue(inputs: Path, out: Path, launcher: list[str]) -> dict:
+    argv = ["glue", "sst2", "--model", str(inputs / "model"), "--data-dir", str(inputs / "data"), "--out-dir", str(out),
+            "--methods", "fish", "dense", "--density", "0.02", "--num-samples", "16", "--epochs", "2",
+            "--batch-size", "8", "--lr", "1e-3", "--no-progress"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    p = subprocess.run(launcher + ["-m", "fishkern"] + argv, env=env, cwd=str(ROOT), capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
+    return json.loads((out / "sst2" / "results.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def glue_runs(glue_inputs, tmp_path_factory):
+    base = tmp_path_factory.mktemp("glue_runs")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port())]
+    return {
+        "one": (_glue(glue_inputs, base / "one", [sys.executable]), base / "one"),
+        "two": (_glue(glue_inputs, base / "two", torchrun), base / "two"),
+    }
+
+
+def test_torchrun_glue_matches_one_process(glue_runs):
+    (one, d1), (two, d2) = glue_runs["one"], glue_runs["two"]
+    assert one["world_size"] == 1 and two["world_size"] == 2
+    assert [r["run"] for r in one["runs"]] == [r["run"] for r in two["runs"]] == ["fish_d0.02_n16", "dense"]
+    for a, b in zip(one["runs"], two["runs"]):
+        assert a["trainable"] == b["trainable"]
+        for e1, e2 in zip(a["history"], b["history"]):
+            assert abs(e1["train_loss"] - e2["train_loss"]) < 1e-5
+            assert e1["accuracy"] == e2["accuracy"]
+    m1 = FishMask.load(d1 / "sst2" / "fish_d0.02_n16" / "mask.safetensors")
+    m2 = FishMask.load(d2 / "sst2" / "fish_d0.02_n16" / "mask.safetensors")
+    assert m1.digest == m2.digest  # the Fisher pass split over 2 ranks picks the same entries
+    t1 = SparseDiff.load(d1 / "sst2" / "fish_d0.02_n16" / "task.safetensors")
+    t2 = SparseDiff.load(d2 / "sst2" / "fish_d0.02_n16" / "task.safetensors")
+    for n in t1.values:
+        assert torch.equal(t1.indices[n], t2.indices[n])
+        assert (t1.values[n].float() - t2.values[n].float()).abs().max().item() < 1e-5, n
+
+
+def test_torchrun_glue_writes_each_file_once(glue_runs):
+    _, d2 = glue_runs["two"]
+    files = sorted(p.relative_to(d2).as_posix() for p in d2.rglob("*") if p.is_file())
+    assert files == ["sst2/dense/result.json", "sst2/fish_d0.02_n16/mask.safetensors",
+                     "sst2/fish_d0.02_n16/result.json", "sst2/fish_d0.02_n16/task.safetensors", "sst2/results.json"]
