@@ -1,5 +1,12 @@
 """Distributed / federated FISH-mask training on torch.distributed (gloo on CPU, NCCL on GPU).
 
+Two settings. Synchronous data parallel (DDP, FSDP2, torchrun, accelerate): every step's gradient
+is averaged — ``masked_ddp`` / ``register_masked_comm_hook`` all-reduce only the k masked gradient
+entries (ddp.py), ``fisher_mask_distributed`` computes one mask from a Fisher pass split across the
+ranks (fisher.py), ``ShardedBatches`` gives each rank its rows of every global batch (loop.py); the
+masked optimizers handle DDP's reduction order and FSDP2's DTensor shards themselves. Periodic
+averaging (the paper's local-SGD / federated setting) is ``SparseAverager``, below.
+
 M workers take H local steps on the same FISH mask, then exchange only the k masked values — one
 flat buffer, one collective per exchange; the indices are shared and never travel — and average
 (or sum) them. Importing this package initialises nothing and never touches CUDA.
@@ -51,6 +58,8 @@ from .ddp import (
     masked_ddp,
     register_masked_comm_hook,
 )
+from .fisher import fisher_mask_distributed, samples_of_rank
+from .loop import ShardedBatches
 from .errors import (
     CollectiveError,
     CollectiveTimeoutError,
@@ -69,6 +78,9 @@ __all__ = [
     "masked_bf16_compress_hook",
     "MaskedCommState",
     "comm_stats",
+    "fisher_mask_distributed",
+    "samples_of_rank",
+    "ShardedBatches",
     "broadcast_mask",
     "all_gather_masks",
     "mask_to_tensors",
