@@ -62,6 +62,8 @@ from .fisher import fisher_mask_distributed, samples_of_rank
 from .loop import ShardedBatches
 from .errors import (
     CollectiveError,
+    CollectiveMismatchError,
+    ModelChangedError,
     CollectiveTimeoutError,
     ConfigMismatchError,
     DistributedError,
@@ -91,6 +93,8 @@ __all__ = [
     "DistributedError",
     "CollectiveTimeoutError",
     "CollectiveError",
+    "CollectiveMismatchError",
+    "ModelChangedError",
     "MaskMismatchError",
     "ConfigMismatchError",
 ]

@@ -27,6 +27,21 @@ single-process computation, for any M and any backend. ``reduction="allreduce"``
 all-reduce (sum) instead: less traffic for large M, but the summation order is the backend's
 (gloo's ring adds in a different order than rank order for M ≥ 3, so results differ from the
 rank-order sum in the last bit; gloo and NCCL still return the same bits to every rank).
+
+Agreement: every collective method (construction, ``exchange``, ``dense_exchange``, ``set_mask``,
+``verify``, ``sync_parameters``, ``assert_in_sync``) starts with one small header all-gather
+(``_comm.Comm.agree``: operation, averager, counters, arguments, payload size, digests). Ranks that
+called different methods, or the same one with different arguments, raise
+``CollectiveMismatchError`` on every rank before any payload travels; a rank that must refuse
+(its model changed, a bad argument) raises its error there and every other rank raises naming it.
+
+The model may change its memory layout after construction (``model.to(memory_format=
+torch.channels_last)``, also on some ranks only): indices are row-major and translated to the
+current strides, so results are bit-identical to contiguous parameters. Changes of shape, dtype
+or device, and parameters replaced by other tensor objects, are refused (``ModelChangedError``):
+build the averager after moving or converting the model. Values are always read from and written
+to each parameter's current storage (``p.data = ...`` of the same shape, dtype and device is
+followed).
 """
 from __future__ import annotations
 
@@ -41,8 +56,23 @@ from torch import Tensor
 
 from ..mask.fishmask import FishMask
 from ..optim._layout import _is_dense_layout, flat_memory_view, memory_offsets
-from ._comm import Comm, rank_list, require_initialized
-from .errors import ConfigMismatchError, DistributedError, MaskMismatchError
+from ._comm import (
+    OP_ASSERT_IN_SYNC,
+    OP_CONSTRUCT,
+    OP_DENSE_EXCHANGE,
+    OP_EXCHANGE,
+    OP_SET_MASK,
+    OP_SYNC,
+    OP_VERIFY,
+    Call,
+    Comm,
+    as_timedelta,
+    digest64,
+    int_arg,
+    rank_list,
+    require_initialized,
+)
+from .errors import ConfigMismatchError, DistributedError, MaskMismatchError, ModelChangedError
 from .masks import _all_gather_masks, _broadcast_mask
 
 __all__ = ["SparseAverager"]
@@ -61,22 +91,54 @@ class _EntrySet:
     """Entries of the model laid out flat: parameter j owns [starts[j], starts[j+1])."""
 
     idx: list[Tensor]  # row-major sorted flat indices (int64, parameter's device)
-    mem: list[Tensor]  # the same as memory offsets (differ for channels_last parameters)
+    mem: list[Tensor]  # the same as memory offsets for the strides in `strides`
     starts: list[int]
+    strides: list[tuple[int, ...]]
 
     @property
     def total(self) -> int:
         return self.starts[-1]
 
+    def mem_for(self, j: int, p: Tensor) -> Tensor:
+        """Parameter j's memory offsets for its current strides (recomputed after a layout change,
+        e.g. model.to(memory_format=torch.channels_last); the layout is checked to be dense first)."""
+        st = p.stride()
+        if st != self.strides[j]:
+            self.mem[j] = memory_offsets(self.idx[j], p).to(torch.int64)
+            self.strides[j] = st
+        return self.mem[j]
+
 
 def _entry_set(params: list[Tensor], idx: list[Tensor]) -> _EntrySet:
-    starts, mem, out = [0], [], []
+    starts, mem, out, strides = [0], [], [], []
     for p, i in zip(params, idx):
         i = i.to(device=p.device, dtype=torch.int64)
         out.append(i)
         mem.append(memory_offsets(i, p).to(torch.int64) if i.numel() else i)
+        strides.append(p.stride())
         starts.append(starts[-1] + i.numel())
-    return _EntrySet(out, mem, starts)
+    return _EntrySet(out, mem, starts, strides)
+
+
+def _row_major(t: Tensor) -> Tensor:
+    """A 1-D tensor of t's entries in row-major order: a view if t is contiguous, else a copy
+    (dense operations then write it back with t.copy_): the order every rank agrees on, whatever
+    each rank's memory layout."""
+    return t.detach().view(-1) if t.is_contiguous() else t.detach().reshape(-1)
+
+
+def _ownership(model: torch.nn.Module):
+    """(parent module, attribute, child, name) for every submodule and (module, attribute,
+    parameter, name) for every parameter: cheap to re-check (dict lookups) before each collective,
+    to notice parameters or submodules replaced by other objects."""
+    edges, owners = [], []
+    for qual, mod in model.named_modules():
+        for name, child in mod._modules.items():
+            edges.append((mod, name, child, f"{qual}.{name}" if qual else name))
+        for name, p in mod._parameters.items():
+            if p is not None:
+                owners.append((mod, name, p, f"{qual}.{name}" if qual else name))
+    return edges, owners
 
 
 def _mask_key(mask: FishMask | None, masks: list[FishMask] | None) -> str | None:
@@ -145,40 +207,62 @@ class SparseAverager:
         optimizers: Iterable[torch.optim.Optimizer] = (),
         dense_chunk_numel: int = 1 << 24,
     ):
-        if op not in OPS:
-            raise ValueError(f"op must be one of {OPS}, got {op!r}")
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if reduction not in REDUCTIONS:
-            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-        if comm_dtype is not None and comm_dtype not in COMM_DTYPES:
-            raise ValueError(f"comm_dtype must be one of {COMM_DTYPES} or None, got {comm_dtype!r}")
-        if mask is not None and not isinstance(mask, FishMask):
-            raise TypeError(f"mask must be a FishMask or None, got {type(mask).__name__}")
-        if not isinstance(model, torch.nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if isinstance(dense_chunk_numel, bool) or not isinstance(dense_chunk_numel, int) or dense_chunk_numel < 1:
-            raise ValueError(f"dense_chunk_numel must be a positive integer, got {dense_chunk_numel!r}")
-        named = list(model.named_parameters())
-        if not named:
-            raise ValueError("the model has no parameters")
-        for name, p in named:
-            if p.dtype not in COMM_DTYPES:
-                raise TypeError(f"parameter {name!r} has dtype {p.dtype}; use float32, bfloat16, float16 or float64")
-            if not _is_dense_layout(p.shape, p.stride()):
-                raise ValueError(f"parameter {name!r} does not cover its memory densely (strides {p.stride()})")
+        # Argument errors are held back until every rank has joined the header below, so that a
+        # rank refusing its arguments does not leave the others waiting in a collective.
+        error, named, tmo, opts = None, [], None, []
+        try:
+            if op not in OPS:
+                raise ValueError(f"op must be one of {OPS}, got {op!r}")
+            if mode not in MODES:
+                raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+            if reduction not in REDUCTIONS:
+                raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+            if comm_dtype is not None and comm_dtype not in COMM_DTYPES:
+                raise ValueError(f"comm_dtype must be one of {COMM_DTYPES} or None, got {comm_dtype!r}")
+            if mask is not None and not isinstance(mask, FishMask):
+                raise TypeError(f"mask must be a FishMask or None, got {type(mask).__name__}")
+            if not isinstance(model, torch.nn.Module):
+                raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+            if isinstance(dense_chunk_numel, bool) or not isinstance(dense_chunk_numel, int) or dense_chunk_numel < 1:
+                raise ValueError(f"dense_chunk_numel must be a positive integer, got {dense_chunk_numel!r}")
+            named = list(model.named_parameters())
+            if not named:
+                raise ValueError("the model has no parameters")
+            for name, p in named:
+                if p.dtype not in COMM_DTYPES:
+                    raise TypeError(f"parameter {name!r} has dtype {p.dtype}; use float32, bfloat16, float16 or float64")
+                if not _is_dense_layout(p.shape, p.stride()):
+                    raise ValueError(f"parameter {name!r} does not cover its memory densely (strides {p.stride()})")
+            tmo = as_timedelta(timeout)
+            opts = list(optimizers)
+        except (ValueError, TypeError) as e:
+            error = e
+        if error is not None and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            raise error  # no process group: nobody to tell
         require_initialized("SparseAverager")
+        self._comm = Comm(group, tmo, named[0][1].device if named else None)
+        self.group = group
+        self.rank, self.world_size = self._comm.rank, self._comm.world_size
+        self._instance = -1  # its number among the averagers of this group, agreed on just below
+        self._calls = 0  # collective calls of this averager so far (the header's sequence number)
+        rows = self._agree(OP_CONSTRUCT, "SparseAverager construction", error, proposal=self._comm.propose_instance())
+        self._instance = self._comm.take_instance(rows)
         self.model = model
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
         self.op, self.mode, self.reduction = op, mode, reduction
         self.comm_dtype = comm_dtype or _default_comm_dtype({p.dtype for p in self.params})
         self.acc_dtype = torch.float64 if self.comm_dtype == torch.float64 else torch.float32
-        self.optimizers = list(optimizers)
+        self.optimizers = opts
         self.dense_chunk_numel = dense_chunk_numel
-        self._comm = Comm(group, timeout, self.params[0].device)
-        self.group = group
-        self.rank, self.world_size = self._comm.rank, self._comm.world_size
+        # what the model looked like at construction: checked before every collective
+        self._sig = [(p.shape, p.dtype, p.device) for p in self.params]
+        self._strides = [p.stride() for p in self.params]  # last strides seen (checked dense)
+        self._edges, self._owners = _ownership(model)
+        described = [[n, list(s), str(d)] for n, (s, d, _) in zip(self.names, self._sig)]
+        self._params_digest = digest64(json.dumps(described).encode())
+        self._key: str | None = None  # mask_key of the installed mask(s)
+        self._touched: list[int] = []  # positions of the parameters an exchange reads or writes
         # counters (all per rank; what this rank handed to the collectives)
         self.exchanges = 0
         self.dense_exchanges = 0
@@ -212,7 +296,7 @@ class SparseAverager:
     def mask_key(self) -> str | None:
         """What the ranks must agree on: the mask digest (shared) or a digest over the table of
         per-rank mask digests (disjoint)."""
-        return _mask_key(self._mask, self._masks)
+        return self._key
 
     @property
     def k(self) -> int:
@@ -300,44 +384,65 @@ class SparseAverager:
         """
         if broadcast_from is _DEFAULT:
             broadcast_from = 0 if self.mode == "shared" else None
-        if mask is not None and not isinstance(mask, FishMask):
-            raise TypeError(f"mask must be a FishMask or None, got {type(mask).__name__}")
-        if optimizers is not None:
-            self.optimizers = list(optimizers)
+        error, opts = None, None
+        try:
+            if mask is not None and not isinstance(mask, FishMask):
+                raise TypeError(f"mask must be a FishMask or None, got {type(mask).__name__}")
+            if optimizers is not None:
+                opts = list(optimizers)
+            if broadcast_from is not None:
+                if self.mode != "shared":
+                    raise ValueError("disjoint mode: each rank sets its own mask; pass broadcast_from=None")
+                if isinstance(broadcast_from, bool) or not isinstance(broadcast_from, int):
+                    raise TypeError(f"broadcast_from must be a rank (int) or None, got {broadcast_from!r}")
+                if not 0 <= broadcast_from < self.world_size:
+                    raise ValueError(
+                        f"broadcast source rank {broadcast_from} is not in this group of {self.world_size} ranks"
+                    )
+            error = self._model_error("set_mask", True)
+        except (ValueError, TypeError) as e:
+            error = e
+        self._agree(OP_SET_MASK, "set_mask", error, args=(int_arg(broadcast_from), 0))
+        if opts is not None:
+            self.optimizers = opts
+        received = None
         if broadcast_from is not None:
-            if self.mode != "shared":
-                raise ValueError("disjoint mode: each rank sets its own mask; pass broadcast_from=None")
-            if isinstance(broadcast_from, bool) or not isinstance(broadcast_from, int):
-                raise TypeError(f"broadcast_from must be a rank (int) or None, got {broadcast_from!r}")
-            mask, sent = _broadcast_mask(self._comm, mask, broadcast_from, f"set_mask: broadcast from rank {broadcast_from}")
+            mask, sent, received = _broadcast_mask(
+                self._comm, mask, broadcast_from, f"set_mask: broadcast from rank {broadcast_from}"
+            )
             self.mask_bytes_sent += sent
-        self._install(mask, "set_mask")
+        self._install(mask, "set_mask", received)
         return self._mask
 
-    def _install(self, mask: FishMask | None, what: str) -> None:
+    def _install(self, mask: FishMask | None, what: str, error: Exception | None = None) -> None:
         """Lay out a mask (disjoint: all-gather every rank's mask first), verify across ranks, and
-        only then switch to it. A local set-up error is held back until every rank has reported,
-        so that every rank raises and none is left waiting in a collective."""
+        only then switch to it. A local set-up error (or ``error``, e.g. a mask that arrived damaged)
+        is held back until every rank has reported, so that every rank raises and none is left
+        waiting in a collective."""
         masks = None
         if self.mode == "disjoint":  # every rank takes part, also one passing None (then all fail)
-            gathered, sent = _all_gather_masks(self._comm, mask, f"{what}: all_gather of the per-rank masks")
+            gathered, sent, damaged, absent = _all_gather_masks(
+                self._comm, mask, f"{what}: all_gather of the per-rank masks"
+            )
             self.mask_bytes_sent += sent
-            absent = [r for r, m in enumerate(gathered) if m is None]
+            error = error or damaged  # raised through _verify, on every rank
             if absent and len(absent) < len(gathered):  # every rank sees the same list: all raise
                 raise DistributedError(
                     f"{what}: disjoint mode: {rank_list(absent)} passed no mask while the others passed theirs"
                 )
             masks = gathered if mask is not None else None
-        error, state = None, (None, None, None)
+        state = (None, None, None)
         try:
-            if mask is not None:
+            if mask is not None and error is None:
                 state = self._layout(mask, masks)
         except Exception as e:  # reported on every rank by _verify
             error = e
         key = None if error is not None else _mask_key(mask, masks)
         self._verify(what, error, key, 0 if mask is None or error is not None else mask.k)
-        self._mask, self._masks = mask, masks
+        self._mask, self._masks, self._key = mask, masks, key
         self._set, self._own, self._pos = state
+        es = self._set
+        self._touched = [] if es is None else [j for j in range(len(self.params)) if es.starts[j + 1] > es.starts[j]]
         self._capture_base()
 
     def _layout(self, mask: FishMask, masks: list[FishMask | None] | None):
@@ -372,7 +477,8 @@ class SparseAverager:
             "reduction": self.reduction,
             "comm_dtype": str(self.comm_dtype),
             "world_size": self.world_size,
-            "parameters": [[n, list(p.shape), str(p.dtype), list(p.stride())] for n, p in zip(self.names, self.params)],
+            # no strides: every operation is independent of each rank's memory layout
+            "parameters": [[n, list(p.shape), str(p.dtype)] for n, p in zip(self.names, self.params)],
             "buffers": [[n, list(b.shape), str(b.dtype)] for n, b in self._float_buffers()],
         }
 
@@ -380,12 +486,14 @@ class SparseAverager:
         """Check (a collective) that every rank holds the same mask — FishMask.digest() compared
         through an all-gather of a fixed-size byte tensor — and the same settings and model
         shapes. Raises ``MaskMismatchError`` / ``ConfigMismatchError`` naming the ranks, on every
-        rank. Runs at construction and in ``set_mask``; call it again whenever you like. On gloo
-        it starts with a ``monitored_barrier``, whose timeout error names the missing ranks."""
+        rank (``ModelChangedError`` if a rank's model changed since construction). Runs at
+        construction and in ``set_mask``; call it again whenever you like."""
+        self._agree(OP_VERIFY, "verify", self._model_error("verify", True))
         self._verify("verify", None, self.mask_key, self.k)
 
     def _verify(self, what: str, error: Exception | None, key: str | None, k: int) -> None:
-        self._comm.barrier(f"{what}: monitored_barrier")
+        # (no barrier first: the header all-gather that starts every operation already showed
+        # that every rank is here, in the same operation)
         row = torch.zeros(73, dtype=torch.uint8)
         row[0] = 1 if error is not None else 0
         if key is not None:
@@ -441,23 +549,32 @@ class SparseAverager:
             shown = {key: c[key] for key in diff if key not in ("parameters", "buffers")}
             if "parameters" in diff:
                 digest = hashlib.sha256(json.dumps(c["parameters"]).encode()).hexdigest()[:12]
-                shown["parameters"] = f"{len(c['parameters'])} parameters (names, shapes, dtypes, strides: {digest})"
+                shown["parameters"] = f"{len(c['parameters'])} parameters (names, shapes, dtypes: {digest})"
             if "buffers" in diff:
                 shown["buffers"] = f"{len(c['buffers'])} floating-point buffers"
             parts.append(f"{rank_list(ranks)}: {shown}")
         raise ConfigMismatchError(
             f"{what}: the ranks built their SparseAverager differently — {'; '.join(parts)}. Every rank needs the same "
-            "mode, op, reduction, comm_dtype and the same model (parameter names, shapes, dtypes and memory layout)"
+            "mode, op, reduction, comm_dtype and the same model (parameter names, shapes and dtypes)"
         )
 
     def assert_in_sync(self, *, buffers: bool = False) -> None:
         """Check (a collective) that every rank holds bit-identical parameters (and floating-point
         buffers); raises ``DistributedError`` naming the ranks that differ. Costs one hash of the
-        model per rank and an all-gather of 32 bytes."""
+        model per rank and an all-gather of 32 bytes (after the header). Values are hashed in
+        row-major order, so ranks with different memory layouts compare equal when in sync."""
         h = hashlib.sha256()
-        tensors = self.params + ([b for _, b in self._float_buffers()] if buffers else [])
-        for t in tensors:
-            h.update(t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+        error = self._model_error("assert_in_sync", True)
+        if error is None:  # hashed before the header: a failure here is every rank's error
+            try:
+                tensors = self.params + ([b for _, b in self._float_buffers()] if buffers else [])
+                for t in tensors:
+                    # reshape(-1), not contiguous(): a "contiguous" (N, C, 1, 1) channels_last weight
+                    # keeps a last stride != 1, and then cannot be viewed as bytes
+                    h.update(t.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+            except (RuntimeError, TypeError) as e:
+                error = DistributedError(f"assert_in_sync: could not hash the parameters on rank {self.rank}: {e}")
+        self._agree(OP_ASSERT_IN_SYNC, "assert_in_sync", error, args=(int(bool(buffers)), 0))
         row = torch.tensor(list(h.digest()), dtype=torch.uint8).to(self._comm.device)
         rows = self._comm.all_gather("assert_in_sync: all_gather of parameter hashes", row).cpu()
         groups: dict[bytes, list[int]] = {}
@@ -466,6 +583,58 @@ class SparseAverager:
         if len(groups) > 1:
             parts = [f"{rank_list(rs)}: {d.hex()[:12]}" for d, rs in groups.items()]
             raise DistributedError(f"the ranks hold different parameters — {'; '.join(parts)}")
+
+    # ------------------------------------------------------------------ agreement and local checks
+    def _settings_digest(self) -> int:
+        """Digest of what every rank must share for any operation (live attributes, cheap)."""
+        text = f"{self.mode}|{self.op}|{self.reduction}|{self.comm_dtype}|{self.world_size}|{self._params_digest}"
+        return digest64(text.encode())
+
+    def _agree(self, opcode: int, name: str, error: BaseException | None, **fields) -> list[list[int]]:
+        """The header of one collective method: see ``Comm.agree``. Counted on every rank, also
+        when it raises, so that the ranks stay in step after an error they all raised."""
+        call = Call(opcode, name, instance=self._instance, seq=self._calls, **fields)
+        self._calls += 1
+        return self._comm.agree(call, error)
+
+    def _model_error(self, what: str, all_params: bool) -> ModelChangedError | None:
+        """Whether the model still is what this averager was built for (identity of every
+        parameter and submodule; shape, dtype and device of the parameters that the operation
+        touches; a dense memory layout). A layout change alone is fine: offsets follow it."""
+        for parent, name, child, qual in self._edges:
+            if parent._modules.get(name) is not child:
+                return ModelChangedError(
+                    f"{what}: submodule {qual!r} was replaced after the SparseAverager was built; its parameters are "
+                    "no longer the ones the averager holds. Build the SparseAverager after changing the model"
+                )
+        for module, name, p, qual in self._owners:
+            if module._parameters.get(name) is not p:
+                return ModelChangedError(
+                    f"{what}: parameter {qual!r} was replaced by another tensor object after the SparseAverager was "
+                    "built (load_state_dict(assign=True), a new nn.Parameter, or torch.__future__."
+                    "set_overwrite_module_params_on_conversion); build the SparseAverager after changing the model"
+                )
+        for j in range(len(self.params)) if all_params else self._touched:
+            p = self.params[j]
+            sig = (p.shape, p.dtype, p.device)
+            if sig != self._sig[j]:
+                was = self._sig[j]
+                pairs = (("shape", tuple(was[0]), tuple(sig[0])), ("dtype", was[1], sig[1]), ("device", was[2], sig[2]))
+                changes = [f"{label} {a} -> {b}" for label, a, b in pairs if a != b]
+                return ModelChangedError(
+                    f"{what}: parameter {self.names[j]!r} changed its {', '.join(changes)} after the SparseAverager was "
+                    "built (e.g. model.to(...) or a replaced .data); build the SparseAverager (and the optimizer) after "
+                    "moving or converting the model"
+                )
+            st = p.stride()
+            if st != self._strides[j]:
+                if not _is_dense_layout(p.shape, st):
+                    return ModelChangedError(
+                        f"{what}: parameter {self.names[j]!r} no longer covers its memory densely (strides {st}); "
+                        "an expanded or sliced view cannot be averaged"
+                    )
+                self._strides[j] = st
+        return None
 
     # ------------------------------------------------------------------ reading and writing entries
     def _master_links(self) -> dict[int, list[tuple[Tensor, Tensor, Tensor]]]:
@@ -495,7 +664,7 @@ class SparseAverager:
             s, e = es.starts[j], es.starts[j + 1]
             if s == e:
                 continue
-            vals = flat_memory_view(p.detach()).index_select(0, es.mem[j]).to(self.acc_dtype)
+            vals = flat_memory_view(p.detach()).index_select(0, es.mem_for(j, p)).to(self.acc_dtype)
             for master, midx, _ in links.get(id(p), ()):
                 at = torch.searchsorted(midx, es.idx[j]).clamp_(max=midx.numel() - 1)
                 hit = midx[at] == es.idx[j]
@@ -511,7 +680,7 @@ class SparseAverager:
             if s == e:
                 continue
             vals = values[s:e].to(p.device)
-            flat_memory_view(p).index_copy_(0, es.mem[j], vals.to(p.dtype))
+            flat_memory_view(p).index_copy_(0, es.mem_for(j, p), vals.to(p.dtype))
             for master, midx, _ in links.get(id(p), ()):
                 at = torch.searchsorted(es.idx[j], midx).clamp_(max=e - s - 1)
                 hit = es.idx[j][at] == midx
@@ -536,9 +705,21 @@ class SparseAverager:
         """Exchange the masked entries (a collective; every rank calls it after its H local
         steps) and write the mean / sum into the model on every rank. Entries outside the mask(s)
         are never read or written. Returns the bytes this rank sent (payload of the one collective:
-        4·k in fp32 for a shared mask)."""
-        self._require_mask("exchange")
+        4·k in fp32 for a shared mask). Starts with the header (see the module docstring)."""
         n = self.exchanges + 1
+        try:
+            self._require_mask("exchange")
+            error = self._model_error(f"exchange #{n}", False)
+        except DistributedError as e:
+            error = e
+        self._agree(
+            OP_EXCHANGE,
+            f"exchange #{n}",
+            error,
+            number=n,
+            payload=0 if error is not None else self._exchange_payload(),
+            digests=(digest64(self._key), self._settings_digest(), 0),
+        )
         links = self._master_links()
         m = self.world_size
         a = self.acc_dtype
@@ -583,6 +764,12 @@ class SparseAverager:
         self.last_exchange_bytes = sent
         return sent
 
+    def _exchange_payload(self) -> int:
+        """Values this rank hands to the exchange's collective."""
+        if self.mode == "disjoint" and self.reduction == "gather":
+            return max(m.k for m in self._masks)
+        return self._set.total
+
     def _ordered_sum(self, g: Tensor, base: Tensor | None) -> Tensor:
         """Shared mask, gathered [M, K] values -> the new values (rank order)."""
         a = self.acc_dtype
@@ -624,9 +811,31 @@ class SparseAverager:
                 out.append(b)
         return out
 
+    def _dense_call(self, what: str, buffers: bool) -> tuple[list[Tensor], BaseException | None, dict]:
+        """Local checks and the header fields of a dense operation (dense_exchange, sync_parameters)."""
+        tensors, error = [], None
+        try:
+            error = self._model_error(what, True)
+            c = self.dense_chunk_numel
+            if isinstance(c, bool) or not isinstance(c, int) or c < 1:
+                raise ValueError(f"dense_chunk_numel must be a positive integer, got {c!r}")
+            if error is None:
+                tensors = self._dense_tensors(buffers)
+        except (ValueError, TypeError) as e:
+            error = e
+        extra = 0
+        if buffers and error is None:
+            extra = digest64(json.dumps([[n, list(b.shape), str(b.dtype)] for n, b in self._float_buffers()]).encode())
+        fields = {
+            "payload": sum(t.numel() for t in tensors),
+            "chunk": self.dense_chunk_numel if error is None else 0,
+            "digests": (0, self._settings_digest(), extra),
+        }
+        return tensors, error, fields
+
     def _chunks(self, tensors: list[Tensor]):
-        """Chunks of at most dense_chunk_numel entries over the tensors' memory, concatenated:
-        lists of (tensor position, start, end) pieces."""
+        """Chunks of at most dense_chunk_numel entries over the tensors' row-major entries,
+        concatenated: lists of (tensor position, start, end) pieces."""
         chunk, room = [], self.dense_chunk_numel
         for t_i, t in enumerate(tensors):
             start = 0
@@ -647,48 +856,58 @@ class SparseAverager:
         a mask exists, and the dense-distributed baseline. Always a mean — θ ← (θ_0 + … + θ_{M-1})/M
         with the same arithmetic and ``reduction`` as ``exchange`` — whatever ``op`` is. With
         ``buffers=True`` floating-point buffers (BatchNorm running statistics) are averaged too.
-        Values travel in ``dense_chunk_numel`` chunks, one collective each. Returns the bytes
-        this rank sent (4·|θ| in fp32)."""
+        Values travel in row-major order in ``dense_chunk_numel`` chunks, one collective each
+        (after the header), so ranks may hold different memory layouts. Returns the bytes this
+        rank sent (4·|θ| in fp32)."""
         n = self.dense_exchanges + 1
-        tensors = self._dense_tensors(buffers)
+        what = f"dense_exchange #{n}"
+        tensors, error, fields = self._dense_call(what, buffers)
+        self._agree(OP_DENSE_EXCHANGE, what, error, number=n, args=(int(bool(buffers)), 0), **fields)
         ids = {id(p) for p in self.params}
         links = self._master_links()
         a, c, m = self.acc_dtype, self.comm_dtype, self.world_size
         sent = 0
+        rows: dict[int, Tensor] = {}  # tensor position -> its row-major entries (a copy if not contiguous)
         for chunk in self._chunks(tensors):
             size = sum(e - s for _, s, e in chunk)
             send = torch.empty(size, dtype=a, device=self._comm.device)
             at = 0
             for t_i, s, e in chunk:
                 t = tensors[t_i]
-                vals = flat_memory_view(t.detach())[s:e].to(a)
+                if t_i not in rows:
+                    rows[t_i] = _row_major(t)
+                vals = rows[t_i][s:e].to(a)
                 if id(t) in ids:
-                    for master, _, mmem in links.get(id(t), ()):
-                        sel = (mmem >= s) & (mmem < e)
-                        vals[mmem[sel] - s] = master[sel].to(a)
+                    for master, midx, _ in links.get(id(t), ()):
+                        sel = (midx >= s) & (midx < e)
+                        vals[midx[sel] - s] = master[sel].to(a)
                 send[at : at + e - s] = vals.to(send.device)
                 at += e - s
-            what = f"dense_exchange #{n} ({self.reduction} of {size:,} values)"
+            what_c = f"{what} ({self.reduction} of {size:,} values)"
             if self.reduction == "gather":
-                g = self._comm.all_gather(what, send.to(c))
+                g = self._comm.all_gather(what_c, send.to(c))
                 new = g[0].to(a, copy=True)
                 for r in range(1, m):
                     new += g[r].to(a)
                 new = new / m
             else:
                 buf = send.to(c)  # send is a fresh buffer: reduce in place
-                self._comm.all_reduce_sum(what, buf)
+                self._comm.all_reduce_sum(what_c, buf)
                 new = buf.to(a) / m
             sent += size * self._esize
             at = 0
             for t_i, s, e in chunk:
                 t = tensors[t_i]
                 vals = new[at : at + e - s].to(t.device)
-                flat_memory_view(t)[s:e].copy_(vals.to(t.dtype))
+                rows[t_i][s:e].copy_(vals.to(t.dtype))
+                if e == t.numel():  # the tensor's last piece: done with it
+                    row = rows.pop(t_i)
+                    if not t.is_contiguous():
+                        t.copy_(row.view(t.shape))
                 if id(t) in ids:
-                    for master, _, mmem in links.get(id(t), ()):
-                        sel = (mmem >= s) & (mmem < e)
-                        master[sel] = vals[mmem[sel] - s].to(master.dtype)
+                    for master, midx, _ in links.get(id(t), ()):
+                        sel = (midx >= s) & (midx < e)
+                        master[sel] = vals[midx[sel] - s].to(master.dtype)
                 at += e - s
         self._capture_base()
         self.dense_exchanges = n
@@ -700,21 +919,31 @@ class SparseAverager:
     def sync_parameters(self, src: int = 0, *, buffers: bool = True) -> None:
         """Copy rank ``src``'s parameters (and floating-point buffers) to every rank, bit for bit (a
         collective): call it once before training when the ranks initialised their models
-        independently. Master copies of registered optimizers restart from the parameters."""
-        if not 0 <= src < self.world_size:
-            raise ValueError(f"src rank {src} is not in this group of {self.world_size} ranks")
-        for i, t in enumerate(self._dense_tensors(buffers)):
-            flat = flat_memory_view(t)
-            buf = flat.detach().to(self._comm.device, copy=flat.device != self._comm.device)
-            if not buf.is_contiguous():
-                buf = buf.contiguous()
-            self._comm.broadcast(f"sync_parameters from rank {src} (tensor {i}, {t.numel():,} values)", buf, src)
-            if buf.data_ptr() != flat.data_ptr():
+        independently. Master copies of registered optimizers restart from the parameters.
+        Values travel in row-major order, so ranks may hold different memory layouts."""
+        what = f"sync_parameters from rank {src}"
+        tensors, error, fields = self._dense_call(what, buffers)
+        if error is None:
+            try:
+                if isinstance(src, bool) or not isinstance(src, int):
+                    raise TypeError(f"src must be a rank (int), got {src!r}")
+                if not 0 <= src < self.world_size:
+                    raise ValueError(f"src rank {src} is not in this group of {self.world_size} ranks")
+            except (ValueError, TypeError) as e:
+                error = e
+        self._agree(OP_SYNC, what, error, args=(int_arg(src), int(bool(buffers))), **fields)
+        for i, t in enumerate(tensors):
+            flat = _row_major(t)
+            buf = flat.to(self._comm.device, copy=flat.device != self._comm.device)
+            self._comm.broadcast(f"{what} (tensor {i}, {t.numel():,} values)", buf, src)
+            if buf is not flat:
                 flat.copy_(buf.to(flat.device))
+            if not t.is_contiguous():
+                t.copy_(flat.view(t.shape))
         links = self._master_links()
         for p in self.params:
-            for master, _, mmem in links.get(id(p), ()):
-                master.copy_(flat_memory_view(p.detach()).index_select(0, mmem).to(master.dtype))
+            for master, midx, _ in links.get(id(p), ()):
+                master.copy_(flat_memory_view(p.detach()).index_select(0, memory_offsets(midx, p)).to(master.dtype))
         self._capture_base()
 
     # ------------------------------------------------------------------ checkpoints

@@ -41,3 +41,25 @@ class MaskMismatchError(DistributedError):
 
 class ConfigMismatchError(DistributedError):
     """The ranks built their SparseAverager with different settings or different models."""
+
+
+class CollectiveMismatchError(DistributedError):
+    """The ranks entered different fishkern collectives (e.g. rank 0 ``exchange()`` while rank 1
+    calls ``dense_exchange()``), or the same one with different arguments, counters, masks or sizes.
+
+    Every collective entry point first all-gathers a small header (which operation, on which
+    averager, its sequence numbers, arguments, payload size and digests) and compares it, so this is
+    raised on every rank before any payload travels; the process group stays usable.
+    ``operations`` maps each rank to a description of what it called."""
+
+    def __init__(self, message: str, operations: dict | None = None):
+        super().__init__(message)
+        self.operations = dict(operations or {})
+
+
+class ModelChangedError(DistributedError):
+    """A parameter changed its shape, dtype or device, stopped covering its memory densely, or was
+    replaced by another tensor object (``load_state_dict(assign=True)``, a new submodule) after the
+    SparseAverager was built. Raised on every rank (on the others naming the rank it happened on).
+    Build the SparseAverager after moving or converting the model. A change of memory layout alone
+    (``model.to(memory_format=torch.channels_last)``) is handled and not an error."""

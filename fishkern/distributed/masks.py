@@ -6,6 +6,11 @@ and the digest) and one int64 tensor with all selected indices concatenated in t
 receiver rebuilds the FishMask and checks its digest against the one sent, so a corrupted transfer
 is an error, not a silently different mask. Masks travel only when they are set (once up front, or
 when a mask is recomputed), never per exchange.
+
+``broadcast_mask`` and ``all_gather_masks`` start with the same header all-gather as every
+SparseAverager operation (``Comm.agree``), so a rank that calls another fishkern collective, or
+passes another source rank, makes every rank raise instead of crashing; a mask that arrives damaged
+on one rank is reported on every rank (one more tiny all-gather).
 """
 from __future__ import annotations
 
@@ -15,7 +20,7 @@ import torch
 from torch import Tensor
 
 from ..mask.fishmask import FishMask, new_mask
-from ._comm import Comm, require_initialized
+from ._comm import OP_ALL_GATHER_MASKS, OP_BROADCAST_MASK, Call, Comm, int_arg, require_initialized
 from .errors import DistributedError
 
 __all__ = ["mask_to_tensors", "mask_from_tensors", "broadcast_mask", "all_gather_masks"]
@@ -75,10 +80,12 @@ def mask_from_tensors(meta: Tensor | bytes, indices: Tensor) -> FishMask:
     return mask
 
 
-def _broadcast_mask(comm: Comm, mask: FishMask | None, src: int, what: str) -> tuple[FishMask, int]:
-    """(the mask of group rank ``src`` on every rank, bytes this rank sent)."""
-    if not 0 <= src < comm.world_size:
-        raise ValueError(f"broadcast source rank {src} is not in this group of {comm.world_size} ranks")
+def _broadcast_mask(
+    comm: Comm, mask: FishMask | None, src: int, what: str
+) -> tuple[FishMask | None, int, DistributedError | None]:
+    """(the mask of group rank ``src`` on every rank, bytes this rank sent, the error if it
+    arrived damaged here). The caller has checked ``src`` and the ranks' agreement; a damaged mask
+    is returned as an error, not raised, so that the caller can make it every rank's error."""
     header = torch.zeros(2, dtype=torch.int64)
     meta = idx = None
     if comm.rank == src:
@@ -99,12 +106,19 @@ def _broadcast_mask(comm: Comm, mask: FishMask | None, src: int, what: str) -> t
     comm.broadcast(f"{what} (metadata)", meta_d, src)
     comm.broadcast(f"{what} (indices)", idx_d, src)
     if comm.rank == src:
-        return mask, 16 + n_meta + 8 * n_idx
-    return mask_from_tensors(meta_d.cpu(), idx_d.cpu()), 0
+        return mask, 16 + n_meta + 8 * n_idx, None
+    try:
+        return mask_from_tensors(meta_d.cpu(), idx_d.cpu()), 0, None
+    except DistributedError as e:
+        return None, 0, e
 
 
-def _all_gather_masks(comm: Comm, mask: FishMask | None, what: str) -> tuple[list[FishMask | None], int]:
-    """(every rank's mask, in rank order, bytes this rank sent). A rank's None stays None."""
+def _all_gather_masks(
+    comm: Comm, mask: FishMask | None, what: str
+) -> tuple[list[FishMask | None], int, DistributedError | None, list[int]]:
+    """(every rank's mask, in rank order, bytes this rank sent, the error if one arrived damaged
+    here, the ranks that passed None — the same list on every rank). A rank's None stays None; a
+    mask that arrived damaged is None here too (and the error says so)."""
     if mask is None:
         meta, idx = None, torch.empty(0, dtype=torch.int64)
     else:
@@ -116,16 +130,20 @@ def _all_gather_masks(comm: Comm, mask: FishMask | None, what: str) -> tuple[lis
     buf = torch.zeros(width, dtype=torch.int64)
     buf[: idx.numel()] = idx
     rows = comm.all_gather(f"{what} (indices)", buf.to(comm.device)).cpu()
-    out = []
+    out, error = [], None
     for r, (m, c) in enumerate(zip(metas, counts)):
         if r == comm.rank:
             out.append(mask)
         elif m is None:
             out.append(None)
         else:
-            out.append(mask_from_tensors(m, rows[r, :c]))
+            try:
+                out.append(mask_from_tensors(m, rows[r, :c]))
+            except DistributedError as e:
+                out.append(None)
+                error = error or DistributedError(f"{what}: the mask of rank {r} arrived damaged: {e}")
     sent = 16 + (0 if meta is None else meta.numel()) + 8 * width
-    return out, sent
+    return out, sent, error, [r for r, m in enumerate(metas) if m is None]
 
 
 def broadcast_mask(mask: FishMask | None, src: int = 0, *, group=None, timeout=None) -> FishMask:
@@ -134,11 +152,24 @@ def broadcast_mask(mask: FishMask | None, src: int = 0, *, group=None, timeout=N
     the concatenated int64 indices) and broadcasts them; the others rebuild it and check its digest.
     ``src`` is a rank of ``group``. ``timeout``: seconds or timedelta (default: the group's)."""
     require_initialized("broadcast_mask")
+    error = None
+    try:
+        if mask is not None and not isinstance(mask, FishMask):
+            raise TypeError(f"mask must be a FishMask or None, got {type(mask).__name__}")
+        if isinstance(src, bool) or not isinstance(src, int):
+            raise TypeError(f"src must be a rank (int), got {src!r}")
+    except TypeError as e:
+        error = e
     device = None
-    if mask is not None and mask.indices:
+    if error is None and mask is not None and mask.indices:
         device = next(iter(mask.indices.values())).device
     comm = Comm(group, timeout, device)
-    out, _ = _broadcast_mask(comm, mask, src, f"broadcast_mask from rank {src}")
+    what = f"broadcast_mask from rank {src}"
+    if error is None and not 0 <= src < comm.world_size:
+        error = ValueError(f"broadcast source rank {src} is not in this group of {comm.world_size} ranks")
+    comm.agree(Call(OP_BROADCAST_MASK, what, args=(int_arg(src), 0)), error)
+    out, _, damaged = _broadcast_mask(comm, mask, src, what)
+    comm.agree_ok(what, damaged)
     return out
 
 
@@ -146,8 +177,12 @@ def all_gather_masks(mask: FishMask, *, group=None, timeout=None) -> list[FishMa
     """Every rank's FishMask, in rank order (a collective: every rank calls it with its own mask)."""
     require_initialized("all_gather_masks")
     comm = Comm(group, timeout)
-    out, _ = _all_gather_masks(comm, mask, "all_gather_masks")
-    missing = [r for r, m in enumerate(out) if m is None]
+    error = None
+    if mask is not None and not isinstance(mask, FishMask):
+        error = TypeError(f"mask must be a FishMask, got {type(mask).__name__}")
+    comm.agree(Call(OP_ALL_GATHER_MASKS, "all_gather_masks"), error)
+    out, _, damaged, missing = _all_gather_masks(comm, mask, "all_gather_masks")
+    comm.agree_ok("all_gather_masks", damaged)
     if missing:
         raise DistributedError(f"all_gather_masks: rank(s) {missing} passed no mask")
     return out
