@@ -8,7 +8,7 @@
   generators; ``rebuild`` any checkpoint bit-exactly, ``load_into`` to resume bit-identically.
 """
 from ._io import BaseMismatchError, CorruptFileError, content_hash
-from .checkpoint import CheckpointChainError, CheckpointState, SparseCheckpointer
+from .checkpoint import CheckpointChainError, CheckpointLockedError, CheckpointState, SparseCheckpointer
 from .format import SparseDiff, dense_nbytes, size_report
 
 __all__ = [
@@ -21,4 +21,5 @@ __all__ = [
     "BaseMismatchError",
     "CorruptFileError",
     "CheckpointChainError",
+    "CheckpointLockedError",
 ]

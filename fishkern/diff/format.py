@@ -45,6 +45,13 @@ What the hashes guarantee
   bit for bit, up to a sha256 collision. With ``verify="entries"`` entries outside the diff are not
   checked: the result is "this model with the tuned entries written".
 The base identity is informative only (a state dict has none); refusals rest on the hashes.
+
+Reading a file (``load``) checks, before anything is returned: the header's size (at most 64 MiB),
+the checksum, then every field's content (see ``_decode``): types and ranges (shapes of non-negative
+integers, known dtypes, hex digests, decimal step/epoch), tensor names, sorted in-range indices
+without duplicates, values and fix-ups of the right lengths and dtypes, JSON nested at most 100
+levels, and k, numel, density and the structure hash consistent with the rest. Any failure is a
+``CorruptFileError`` that names the file and the field.
 """
 from __future__ import annotations
 
@@ -72,11 +79,22 @@ from ._io import (
     entries_hash,
     gather_flat,
     numel_of,
-    parse_dtype,
     read_safetensors,
     scatter_flat_,
     structure_hash,
     write_safetensors,
+)
+from ._validate import (
+    HEX64,
+    Fail,
+    check_depth,
+    dtypes_of,
+    failer,
+    load_json,
+    meta_int,
+    meta_str,
+    shapes_of,
+    sorted_indices,
 )
 
 __all__ = ["SparseDiff", "size_report", "dense_nbytes", "KINDS", "FORMAT", "FORMAT_VERSION"]
@@ -433,8 +451,11 @@ class SparseDiff:
 
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> int:
         """Write the diff as one safetensors file; returns its size in bytes. Atomic (temporary file
-        in the same directory, fsync, rename): the file appears complete or not at all. An existing
-        file is only replaced with ``overwrite=True`` (else ``FileExistsError``)."""
+        in the same directory, fsync, then an exclusive link, or a rename with ``overwrite``): the
+        file appears complete or not at all, and of two processes saving the same new path one gets
+        ``FileExistsError``. An existing file is only replaced with ``overwrite=True``. Temporary
+        files that killed writers left in the directory are removed first."""
+        check_depth(self.extra, "the diff's extra")
         tensors, meta = self._encode()
         return write_safetensors(path, tensors, meta, overwrite=overwrite)
 
@@ -451,104 +472,121 @@ class SparseDiff:
     @classmethod
     def load(cls, path: str | os.PathLike, *, mask: FishMask | None = None) -> "SparseDiff":
         """Read a diff written by ``save``. A missing file is ``FileNotFoundError``; a truncated,
-        corrupt, modified or foreign file is ``CorruptFileError`` (a ``ValueError``); with ``mask``,
-        a diff made with another mask is a ``ValueError``."""
+        corrupt, modified, foreign or invalid file is ``CorruptFileError`` (a ``ValueError``) that
+        names the file and the field; with ``mask``, a diff made with another mask is a
+        ``ValueError``. Checked: the header's size, the checksum, and every field (see ``_decode``)."""
         path = os.fspath(path)
         tensors, meta = read_safetensors(path, fmt=FORMAT, versions=(str(FORMAT_VERSION),), what="fishkern diff")
-        try:
-            diff = cls._decode(tensors, meta)
-        except CorruptFileError as e:
-            raise CorruptFileError(f"{path}: {e}") from e
-        except (KeyError, ValueError, TypeError, AttributeError) as e:
-            raise CorruptFileError(f"{path}: damaged diff ({type(e).__name__}: {e})") from e
+        diff = cls._decode(tensors, meta, failer(path, CorruptFileError))
         diff._check_mask(mask)
         return diff
 
     @classmethod
-    def _decode(cls, tensors: dict[str, Tensor], meta: dict[str, str]) -> "SparseDiff":
-        kind = meta["kind"]
+    def _decode(cls, tensors: dict[str, Tensor], meta: dict[str, str], fail: Fail) -> "SparseDiff":
+        """Validate and decode: types and ranges of every metadata field, tensors named after the
+        diff's tensors, sorted in-range indices, values and fix-ups of the right lengths and dtypes,
+        and k, numel, density and the structure hash consistent with them."""
+        kind = meta_str(meta, "kind", fail)
         if kind not in KINDS:
-            raise CorruptFileError(f"unknown diff kind {kind!r}")
-        shapes = {n: tuple(int(x) for x in s) for n, s in json.loads(meta["shapes"]).items()}
-        dtypes = {n: parse_dtype(d) for n, d in json.loads(meta["dtypes"]).items()}
-        if shapes.keys() != dtypes.keys():
-            raise CorruptFileError("shapes and dtypes name different tensors")
-        groups: dict[str, dict[str, Tensor]] = {}
-        for key, t in tensors.items():
-            prefix, sep, name = key.partition("/")
-            if not sep or prefix not in ("indices", "values", "base_values") + _FIX_KEYS:
-                raise CorruptFileError(f"unexpected tensor {key!r}")
-            if name not in shapes:
-                raise CorruptFileError(f"tensor {key!r} names no tensor of the diff")
-            groups.setdefault(name, {})[prefix] = t
+            raise fail("kind", f"must be one of {KINDS}, got {kind!r:.40}")
+        shapes = shapes_of(load_json(meta_str(meta, "shapes", fail), "shapes", fail), "shapes", fail)
+        dtypes = dtypes_of(load_json(meta_str(meta, "dtypes", fail), "dtypes", fail), "dtypes", fail)
+        if set(shapes) != set(dtypes):
+            raise fail("dtypes", "must name the same tensors as 'shapes'")
+        groups = _group_tensors(tensors, shapes, fail)
         indices, values, base_values, fixups = {}, {}, {}, {}
-        for name, g in groups.items():
-            if "indices" not in g or "values" not in g:
-                raise CorruptFileError(f"{name!r} lacks its indices or values")
-            idx, n = g["indices"], numel_of(shapes[name])
+        for name in [n for n in shapes if n in groups]:  # model order, whatever the file's order
+            g = groups[name]
+            for key in ("indices", "values"):
+                if key not in g:
+                    raise fail(f"{key}/{name}", "is missing")
+            idx = sorted_indices(g["indices"], numel_of(shapes[name]), f"indices/{name}", fail)
             k = idx.numel()
-            if idx.dim() != 1 or idx.dtype not in (torch.int32, torch.int64) or k == 0:
-                raise CorruptFileError(f"indices of {name!r} must be a non-empty 1-D int32/int64 tensor")
-            if int(idx[0]) < 0 or int(idx[-1]) >= n or not bool((idx[1:] > idx[:-1]).all()):
-                raise CorruptFileError(f"indices of {name!r} must be strictly increasing in [0, {n})")
+            if kind == "delta" and dtypes[name] not in _DELTA_DTYPES:
+                raise fail(f"values/{name}", f"holds deltas of a {dtype_name(dtypes[name])} tensor (kind='delta' needs floating point)")
             want = dtypes[name] if kind == "absolute" else _delta_dtype(dtypes[name])
-            if g["values"].shape != (k,) or g["values"].dtype != want:
-                raise CorruptFileError(f"values of {name!r} must be {k} {dtype_name(want)} entries")
+            _check_entries(g["values"], k, want, f"values/{name}", fail)
             indices[name], values[name] = idx, g["values"]
             if kind == "absolute":
-                bv = g.get("base_values")
-                if bv is None or bv.shape != (k,) or bv.dtype != dtypes[name]:
-                    raise CorruptFileError(f"base values of {name!r} are missing or malformed")
-                base_values[name] = bv
+                if "base_values" not in g:
+                    raise fail(f"base_values/{name}", "is missing (kind='absolute')")
+                _check_entries(g["base_values"], k, dtypes[name], f"base_values/{name}", fail)
+                base_values[name] = g["base_values"]
+            if "base_values" in g and kind != "absolute":
+                raise fail(f"base_values/{name}", "is present in a delta diff")
             fx = {key: g[key] for key in _FIX_KEYS if key in g}
             if fx and kind != "delta":
-                raise CorruptFileError(f"fix-ups in an absolute diff ({name!r})")
+                raise fail(f"{next(iter(fx))}/{name}", "is a fix-up in an absolute diff")
             for direction in ("apply", "revert"):
-                pos, val = fx.get(f"fix_{direction}_pos"), fx.get(f"fix_{direction}_val")
-                if (pos is None) != (val is None):
-                    raise CorruptFileError(f"incomplete {direction} fix-ups of {name!r}")
-                if pos is None:
-                    continue
-                if (
-                    pos.dim() != 1
-                    or pos.dtype not in (torch.int32, torch.int64)
-                    or val.shape != pos.shape
-                    or val.dtype != dtypes[name]
-                    or (pos.numel() and (int(pos.min()) < 0 or int(pos.max()) >= k))
-                ):
-                    raise CorruptFileError(f"malformed {direction} fix-ups of {name!r}")
+                pos, val = f"fix_{direction}_pos", f"fix_{direction}_val"
+                if (pos in fx) != (val in fx):
+                    raise fail(f"{val if pos in fx else pos}/{name}", f"is missing (incomplete {direction} fix-ups)")
+                if pos in fx:
+                    p = sorted_indices(fx[pos], k, f"{pos}/{name}", fail)
+                    _check_entries(fx[val], p.numel(), dtypes[name], f"{val}/{name}", fail)
             if fx:
                 fixups[name] = fx
-        order = [n for n in shapes if n in indices]  # model order, whatever the file's order
-        step, epoch = meta.get("step", ""), meta.get("epoch", "")
         diff = cls(
             kind=kind,
             shapes=shapes,
             dtypes=dtypes,
-            indices={n: indices[n] for n in order},
-            values={n: values[n] for n in order},
-            base_values={n: base_values[n] for n in order if n in base_values},
+            indices=indices,
+            values=values,
+            base_values=base_values,
             fixups=fixups,
             base={
-                "identity": json.loads(meta["base_identity"]),
-                "structure_sha256": meta["base_structure_sha256"],
-                "entries_sha256": meta["base_entries_sha256"],
-                "content_sha256": meta["base_content_sha256"] or None,
+                "identity": _identity_of(load_json(meta_str(meta, "base_identity", fail), "base_identity", fail), fail),
+                "structure_sha256": meta_str(meta, "base_structure_sha256", fail, HEX64),
+                "entries_sha256": meta_str(meta, "base_entries_sha256", fail, HEX64),
+                "content_sha256": meta_str(meta, "base_content_sha256", fail, HEX64, empty=True) or None,
             },
             tuned={
-                "entries_sha256": meta["tuned_entries_sha256"],
-                "content_sha256": meta["tuned_content_sha256"] or None,
+                "entries_sha256": meta_str(meta, "tuned_entries_sha256", fail, HEX64),
+                "content_sha256": meta_str(meta, "tuned_content_sha256", fail, HEX64, empty=True) or None,
             },
-            mask_digest=meta["mask_digest"] or None,
-            step=int(step) if step else None,
-            epoch=int(epoch) if epoch else None,
-            extra=json.loads(meta["extra"]),
+            mask_digest=meta_str(meta, "mask_digest", fail, HEX64, empty=True) or None,
+            step=meta_int(meta, "step", fail, lo=None, optional=True),
+            epoch=meta_int(meta, "epoch", fail, lo=None, optional=True),
+            extra=load_json(meta_str(meta, "extra", fail), "extra", fail),
         )
         if diff.base["structure_sha256"] != structure_hash(shapes, dtypes):
-            raise CorruptFileError("the recorded structure hash does not match the recorded shapes")
-        if str(diff.k) != meta["k"]:
-            raise CorruptFileError(f"k is {meta['k']} in the metadata but the file holds {diff.k} entries")
+            raise fail("base_structure_sha256", "does not match the recorded shapes and dtypes")
+        if meta_int(meta, "k", fail) != diff.k:
+            raise fail("k", f"is {meta['k']} but the file holds {diff.k} entries")
+        if meta_int(meta, "numel", fail) != diff.numel:
+            raise fail("numel", f"is {meta['numel']} but the shapes hold {diff.numel} entries")
+        density = meta_str(meta, "density", fail)
+        if density != repr(diff.density):
+            raise fail("density", f"is {density!r:.40} but k / numel is {diff.density!r}")
         return diff
+
+
+_DELTA_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+_GROUPS = ("indices", "values", "base_values") + _FIX_KEYS
+
+
+def _group_tensors(tensors: Mapping[str, Tensor], shapes: Mapping[str, Any], fail: Fail) -> dict[str, dict[str, Tensor]]:
+    """{tensor name: {"indices": ..., "values": ..., ...}} from the file's ``<group>/<name>`` keys."""
+    groups: dict[str, dict[str, Tensor]] = {}
+    for key, t in tensors.items():
+        prefix, sep, name = key.partition("/")
+        if not sep or prefix not in _GROUPS:
+            raise fail(key, "is an unexpected tensor")
+        if name not in shapes:
+            raise fail(key, "names no tensor of the diff's shapes")
+        groups.setdefault(name, {})[prefix] = t
+    return groups
+
+
+def _check_entries(t: Tensor, k: int, dtype: torch.dtype, field_name: str, fail: Fail) -> None:
+    if t.shape != (k,) or t.dtype != dtype:
+        raise fail(field_name, f"must be {k} {dtype_name(dtype)} entries, got {dtype_name(t.dtype)} of shape {tuple(t.shape)}")
+
+
+def _identity_of(obj: Any, fail: Fail) -> dict[str, Any] | None:
+    if obj is not None and not isinstance(obj, dict):
+        raise fail("base_identity", f"must be a JSON object or null, got {type(obj).__name__}")
+    return obj
 
 
 # ---------------------------------------------------------------------------------------- sizes

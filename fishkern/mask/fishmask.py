@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Union
@@ -23,6 +22,7 @@ from .._indices import index_dtype_for, update_digest
 
 FORMAT = "fishkern.mask"
 FORMAT_VERSION = 1
+_FILE_KEYS = frozenset({"format", "format_version", "shapes", "forced", "provenance", "k", "numel", "digest", "checksum"})
 
 #: a model, its named parameters, or {name: shape}
 ParamsLike = Union[torch.nn.Module, Mapping[str, Tensor], Mapping[str, tuple], Iterable[tuple[str, Tensor]]]
@@ -221,13 +221,16 @@ class FishMask:
 
     # ------------------------------------------------------------------ files
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> None:
-        """Write the mask as a safetensors file (indices + JSON metadata). Atomic: the file appears
-        complete or not at all. An existing file is only replaced with ``overwrite=True``."""
-        from safetensors.torch import save_file
+        """Write the mask as a safetensors file: the indices, JSON metadata (shapes, forced,
+        provenance, k, numel, digest) and a ``checksum`` (sha256 over all metadata and all tensor
+        bytes). Atomic, as ``SparseDiff.save``: a temporary file in the same directory, fsync, then
+        published under ``path`` with an exclusive link, so the file appears complete or not at all,
+        and of two processes saving the same new path one succeeds and the other gets
+        ``FileExistsError``. An existing file is only replaced with ``overwrite=True``."""
+        from ..diff._io import write_safetensors
+        from ..diff._validate import check_depth
 
-        path = os.fspath(path)
-        if os.path.exists(path) and not overwrite:
-            raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+        check_depth(self.provenance, "the mask's provenance")
         tensors = {f"indices/{n}": i.detach().cpu().contiguous() for n, i in self.indices.items() if i.numel()}
         meta = {
             "format": FORMAT,
@@ -239,53 +242,60 @@ class FishMask:
             "numel": str(self.numel),
             "digest": self.digest,
         }
-        directory = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(prefix=".fishmask-", suffix=".tmp", dir=directory)
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=meta)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        write_safetensors(path, tensors, meta, overwrite=overwrite)
 
     @classmethod
     def load(cls, path: str | os.PathLike, device=None) -> "FishMask":
-        """Read a mask written by ``save``; a truncated, corrupt or foreign file is a clear error."""
-        from safetensors import safe_open
+        """Read a mask written by ``save``. A missing file is ``FileNotFoundError``; a truncated,
+        corrupt, modified, foreign or invalid file is ``CorruptFileError`` (a ``ValueError``) naming
+        the file and the field. Checked: the header's size, every field's type and range (shapes,
+        forced names, sorted in-range indices, k, numel), the selection ``digest`` and the file
+        ``checksum``. Files of fishkern 0.1.0 have no checksum: they are accepted after the same
+        validation and the digest check (their forced list and provenance are not checksummed)."""
+        from ..diff._io import CorruptFileError, open_safetensors, verify_checksum
+        from ..diff._validate import HEX64, load_json, meta_int, meta_str
 
         path = os.fspath(path)
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"no mask file at {path}")
-        try:
-            with safe_open(path, framework="pt", device="cpu") as f:
-                meta = f.metadata() or {}
-                tensors = {key: f.get_tensor(key) for key in f.keys()}
-        except Exception as e:  # safetensors raises its own error types for bad headers / sizes
-            raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from e
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"{path} is not a fishkern mask file (format {meta.get('format')!r})")
-        if meta.get("format_version") != str(FORMAT_VERSION):
-            raise ValueError(f"{path}: unsupported mask format version {meta.get('format_version')!r}")
-        try:
-            shapes = {n: tuple(s) for n, s in json.loads(meta["shapes"]).items()}
-            forced = tuple(json.loads(meta["forced"]))
-            provenance = json.loads(meta["provenance"])
-        except (KeyError, ValueError, TypeError, AttributeError) as e:
-            raise ValueError(f"{path}: damaged mask metadata ({e})") from e
+        tensors, meta = open_safetensors(path, fmt=FORMAT, versions=(str(FORMAT_VERSION),), what="fishkern mask")
+
+        def fail(field_name: str, message: str) -> CorruptFileError:
+            part = "mask" if "/" in field_name else "mask metadata"  # a tensor, or a metadata field
+            return CorruptFileError(f"{path}: damaged {part}: field {field_name!r} {message}")
+
+        for key in meta:
+            if key not in _FILE_KEYS:  # e.g. a damaged "checksum" key: never read as a file without one
+                raise fail(key, "is not a field of a mask file")
         indices = {}
         for key, t in tensors.items():
             if not key.startswith("indices/"):
-                raise ValueError(f"{path}: unexpected tensor {key!r} in a mask file")
-            indices[key[len("indices/") :]] = t
-        try:
-            mask = cls(shapes, indices, forced, provenance)
-        except ValueError as e:
-            raise ValueError(f"{path}: damaged mask ({e})") from e
-        if mask.digest != meta.get("digest"):
-            raise ValueError(f"{path}: the mask's digest does not match its contents (corrupt file?)")
+                raise fail(key, "is an unexpected tensor in a mask file")
+            indices[key[len("indices/"):]] = t
+        parts = {key: load_json(meta_str(meta, key, fail), key, fail) for key in ("shapes", "forced", "provenance")}
+        mask = mask_from_parts(parts["shapes"], parts["forced"], parts["provenance"], indices, fail)
+        for key, value in (("k", mask.k), ("numel", mask.numel)):
+            if meta_int(meta, key, fail) != value:
+                raise fail(key, f"is {meta[key]} but the file holds {value}")
+        if mask.digest != meta_str(meta, "digest", fail, HEX64):
+            raise CorruptFileError(f"{path}: the mask's digest does not match its contents (corrupt file?)")
+        if "checksum" in meta:
+            verify_checksum(path, meta, tensors, "fishkern mask")
         return mask.to(device) if device is not None else mask
+
+
+def mask_from_parts(shapes: Any, forced: Any, provenance: Any, indices: Mapping[str, Tensor], fail) -> FishMask:
+    """A FishMask from the parsed parts of a file (mask file or checkpoint link), every part
+    validated first: ``fail(field, message)`` makes the error (naming the file and the field)."""
+    from ..diff._validate import names_of, shapes_of, sorted_indices
+
+    shapes = shapes_of(shapes, "shapes", fail)
+    forced = names_of(forced, "forced", fail, known=shapes)
+    if not isinstance(provenance, dict):
+        raise fail("provenance", f"must be a JSON object, got {type(provenance).__name__}")
+    for name, idx in indices.items():
+        if name not in shapes:
+            raise fail(f"indices/{name}", "names no parameter of the mask's shapes")
+        sorted_indices(idx, _numel(shapes[name]), f"indices/{name}", fail, allow_empty=True)
+    return FishMask(shapes, dict(indices), tuple(forced), provenance)
 
 
 def new_mask(shapes, selected: Mapping[str, Tensor], forced=(), provenance=None) -> FishMask:

@@ -763,6 +763,18 @@ def _check_out(out: Path, names: list[str], overwrite: bool) -> None:
         raise FileExistsError(f"{existing[0]} exists; pass --overwrite or another --out-dir")
 
 
+def _check_chains(out: Path, specs: list[RunSpec], overwrite: bool) -> None:
+    """Before any training: a run that writes checkpoints must not append to the chain an earlier
+    (e.g. interrupted) run left in its directory."""
+    if overwrite:
+        return
+    for s in specs:
+        manifest = out / s.name / "checkpoints" / "manifest.json"
+        if s.checkpoint_every_epochs and manifest.exists():
+            raise FileExistsError(f"{manifest.parent} holds the checkpoint chain of an earlier run of {s.name}; "
+                                  "pass --overwrite to start new chains, or another --out-dir")
+
+
 def run_cifar(cfg: CifarConfig) -> dict[str, Any] | None:
     """Train the runs of ``cfg`` (``plan_runs``) and write results.json and report.md (and
     accuracy_vs_bytes.png when several distributed runs are compared) to ``cfg.out_dir``. Under
@@ -772,6 +784,7 @@ def run_cifar(cfg: CifarConfig) -> dict[str, Any] | None:
     rank0 = int(os.environ.get("RANK", "0")) == 0 if _under_torchrun() else True
     if rank0:
         _check_out(out, ["results.json", "report.md"], cfg.overwrite)
+        _check_chains(out, plan_runs(cfg), cfg.overwrite)
     data = load_data(cfg)
     check_budget(cfg, build_model(cfg, data, 0))
     specs = plan_runs(cfg)
