@@ -14,6 +14,7 @@ on one rank is reported on every rank (one more tiny all-gather).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 
 import torch
@@ -28,6 +29,15 @@ __all__ = ["mask_to_tensors", "mask_from_tensors", "broadcast_mask", "all_gather
 _FORMAT = "fishkern.mask.wire"
 
 
+def _wire_checksum(meta: dict, idx: Tensor) -> str:
+    """sha256 over the canonical JSON of every metadata field and the index bytes: a transfer that
+    changes anything — forced parameters and provenance too, not only the selection — is refused."""
+    h = hashlib.sha256(b"fishkern-mask-wire-v2")
+    h.update(json.dumps(meta, sort_keys=True, separators=(",", ":"), default=str).encode())
+    h.update(idx.numpy().tobytes())
+    return h.hexdigest()
+
+
 def mask_to_tensors(mask: FishMask) -> tuple[Tensor, Tensor]:
     """(uint8 JSON metadata, int64 concatenated indices) on the CPU."""
     if not isinstance(mask, FishMask):
@@ -38,43 +48,55 @@ def mask_to_tensors(mask: FishMask) -> tuple[Tensor, Tensor]:
         "shapes": [[n, list(s)] for n, s in mask.shapes.items()],
         "counts": [[n, int(mask.indices[n].numel())] for n in names],
         "forced": list(mask.forced),
-        "provenance": mask.provenance,
+        "provenance": json.loads(json.dumps(mask.provenance, default=str)),  # as the receiver will parse it
         "digest": mask.digest,
     }
-    raw = json.dumps(meta, default=str).encode()
-    meta_t = torch.frombuffer(bytearray(raw), dtype=torch.uint8).clone()
     if names:
         idx = torch.cat([mask.indices[n].detach().to("cpu", torch.int64) for n in names])
     else:
         idx = torch.empty(0, dtype=torch.int64)
+    meta["checksum"] = _wire_checksum(meta, idx)
+    raw = json.dumps(meta).encode()
+    meta_t = torch.frombuffer(bytearray(raw), dtype=torch.uint8).clone()
     return meta_t, idx
 
 
 def mask_from_tensors(meta: Tensor | bytes, indices: Tensor) -> FishMask:
-    """Rebuild a FishMask from ``mask_to_tensors``' output; refuses anything that does not match
-    its digest."""
+    """Rebuild a FishMask from ``mask_to_tensors``' output. Every field is validated (bounded JSON,
+    shapes, counts, sorted in-range indices, forced names) and checked against the checksum over
+    all of it; anything else is a ``DistributedError`` naming the field."""
+    from ..diff._validate import int_in, load_json, shape_of
+    from ..mask.fishmask import mask_from_parts
+
+    def fail(field_name: str, message: str) -> DistributedError:
+        return DistributedError(f"received mask is damaged: field {field_name!r} {message}")
+
     raw = meta if isinstance(meta, (bytes, bytearray)) else meta.detach().cpu().numpy().tobytes()
-    try:
-        m = json.loads(raw.decode())
-        if m.get("format") != _FORMAT:
-            raise ValueError(f"format {m.get('format')!r}")
-        shapes = {n: tuple(int(x) for x in s) for n, s in m["shapes"]}
-        counts = [(n, int(c)) for n, c in m["counts"]]
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
-        raise DistributedError(f"received mask metadata is damaged ({e})") from e
+    m = load_json(bytes(raw), "metadata", fail)
+    if not isinstance(m, dict) or m.get("format") != _FORMAT:
+        raise fail("format", f"must be {_FORMAT!r}")
+    pairs = m.get("shapes")
+    if not isinstance(pairs, list) or not all(isinstance(p, list) and len(p) == 2 and isinstance(p[0], str) for p in pairs):
+        raise fail("shapes", "must be a list of [name, shape] pairs")
+    shapes = {n: shape_of(sh, f"shapes[{n!r}]", fail) for n, sh in pairs}
+    if len(shapes) != len(pairs):
+        raise fail("shapes", "names a parameter twice")
+    counts = m.get("counts")
+    if not isinstance(counts, list) or not all(isinstance(c, list) and len(c) == 2 and c[0] in shapes for c in counts):
+        raise fail("counts", "must be a list of [parameter name, count] pairs naming parameters of 'shapes'")
+    counts = [(n, int_in(c, f"counts[{n!r}]", fail)) for n, c in counts]
     indices = indices.detach().to("cpu", torch.int64)
-    if sum(c for _, c in counts) != indices.numel():
-        raise DistributedError(
-            f"received mask is damaged: {indices.numel()} indices for {sum(c for _, c in counts)} announced"
-        )
+    if indices.dim() != 1 or sum(c for _, c in counts) != indices.numel():
+        raise fail("indices", f"holds {indices.numel()} indices for {sum(c for _, c in counts)} announced")
+    checksum = m.pop("checksum", None)
+    if not isinstance(checksum, str) or checksum != _wire_checksum(m, indices):
+        raise DistributedError("received mask does not match the checksum it was sent with (corrupted in transfer?)")
     selected, start = {}, 0
     for n, c in counts:
         selected[n] = indices[start : start + c]
         start += c
-    try:
-        mask = new_mask(shapes, selected, tuple(m.get("forced", ())), dict(m.get("provenance") or {}))
-    except (ValueError, KeyError) as e:
-        raise DistributedError(f"received mask is damaged ({e})") from e
+    mask = mask_from_parts({n: list(sh) for n, sh in shapes.items()}, m.get("forced"), m.get("provenance"), selected, fail)
+    mask = new_mask(mask.shapes, mask.indices, mask.forced, mask.provenance)  # canonical index dtypes
     if mask.digest != m.get("digest"):
         raise DistributedError("received mask does not match the digest it was sent with (corrupted in transfer?)")
     return mask
