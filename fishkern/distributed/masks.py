@@ -90,7 +90,7 @@ def mask_from_tensors(meta: Tensor | bytes, indices: Tensor) -> FishMask:
         raise fail("indices", f"holds {indices.numel()} indices for {sum(c for _, c in counts)} announced")
     checksum = m.pop("checksum", None)
     if not isinstance(checksum, str) or checksum != _wire_checksum(m, indices):
-        raise DistributedError("received mask does not match the checksum it was sent with (corrupted in transfer?)")
+        raise DistributedError("received mask is damaged: it does not match the checksum it was sent with (corrupted in transfer?)")
     selected, start = {}, 0
     for n, c in counts:
         selected[n] = indices[start : start + c]
