@@ -325,6 +325,29 @@ def _self_check(engine: "_Engine", model, params, b: Batch, kind, loss_fn) -> No
 
 
 # ------------------------------------------------------------------------------------ driver
+def _is_int(x) -> bool:
+    return not isinstance(x, bool) and hasattr(x, "__index__")
+
+
+def _check_arguments(model, data, num_samples, kind, loss_fn, implementation, seed, chunk_elems) -> None:
+    """Everything checkable without running the model, before any work."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(data, (str, bytes)) or not (hasattr(data, "__iter__") or hasattr(data, "__getitem__")):
+        raise TypeError(f"data must be an iterable of batches (e.g. a DataLoader), got {type(data).__name__}")
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+    check_kind(kind, loss_fn)
+    if loss_fn is not None and not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable (model output, batch) -> per-sample losses, got {type(loss_fn).__name__}")
+    if not _is_int(num_samples) or num_samples < 1:
+        raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+    if seed is not None and not _is_int(seed):
+        raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
+    if not _is_int(chunk_elems) or chunk_elems < 1:
+        raise ValueError(f"chunk_elems must be a positive integer, got {chunk_elems!r}")
+
+
 def estimate_fisher(
     model: nn.Module,
     data: Iterable,
@@ -365,11 +388,7 @@ def estimate_fisher(
     The model is in eval mode during the estimate and restored afterwards; parameters' `.grad` and
     `requires_grad` are left as they were. Scores are fp32 (fp64 for fp64 parameters).
     """
-    if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
-    check_kind(kind, loss_fn)
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+    _check_arguments(model, data, num_samples, kind, loss_fn, implementation, seed, chunk_elems)
     params = _trainable(model)
     if not params:
         raise ValueError("the model has no trainable parameters (requires_grad=True)")

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from ..mask import FishMask
-from ..mask.builders import from_scores
+from ..mask.builders import check_selection, from_scores
 from .estimator import estimate_fisher
 
 
@@ -26,7 +26,16 @@ def fisher_mask(
     (see `estimate_fisher` for the data format and options), then the k = ⌊density × all
     parameters⌋ largest scores, with the parameters matching `force` (e.g. "classifier", the new
     head) included entirely inside k. Frozen parameters (requires_grad=False) count in "all
-    parameters" but are never selected. The mask's provenance records the Fisher settings."""
+    parameters" but are never selected. The mask's provenance records the Fisher settings.
+
+    Every argument that can be checked without scores is checked before the Fisher pass."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    named = list(model.named_parameters())
+    check_selection(
+        {n: tuple(p.shape) for n, p in named}, density, k, force, exclude,
+        frozen=[n for n, p in named if not p.requires_grad],
+    )
     result = estimate_fisher(model, data, num_samples, **fisher_kwargs)
     scores, frozen = {}, []
     for name, p in model.named_parameters():

@@ -8,13 +8,100 @@ from __future__ import annotations
 
 import fnmatch
 import math
-from collections.abc import Mapping, Sequence
+import operator
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor
 
 from ..topk import global_topk
 from .fishmask import FishMask, ParamsLike, _numel, model_identity, named_shapes, new_mask
+
+_TOPK_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # ranked exactly as fp32
+
+
+# ------------------------------------------------------------------------ input checks
+def _type_name(value) -> str:
+    return type(value).__name__
+
+
+def _patterns(value, arg: str) -> list[str]:
+    """A pattern (or name) argument as a list: one string or a sequence of strings."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, (bytes, Mapping)) or not isinstance(value, Iterable):
+        raise TypeError(f"{arg} must be a string or a list of strings, got {_type_name(value)}")
+    out = list(value)
+    for i, v in enumerate(out):
+        if not isinstance(v, str):
+            raise TypeError(f"{arg}[{i}] must be a string, got {_type_name(v)}")
+    return out
+
+
+def _dim(d) -> int | None:
+    """A size, or None: operator.index takes ints (numpy's too) but not floats; a bool is no size."""
+    if isinstance(d, bool):
+        return None
+    try:
+        d = operator.index(d)
+    except TypeError:
+        return None
+    return d if d >= 0 else None
+
+
+def _shape_of(value, where: str) -> tuple[int, ...]:
+    if isinstance(value, Tensor):
+        return tuple(value.shape)
+    if isinstance(value, (tuple, list, torch.Size)):
+        dims = [_dim(d) for d in value]
+        if None not in dims:
+            return tuple(dims)
+    raise TypeError(
+        f"{where} is {_type_name(value)} {value!r:.60}; expected a tensor or a shape (a tuple of non-negative ints)"
+    )
+
+
+def _checked_shapes(params: ParamsLike, arg: str) -> dict[str, tuple[int, ...]]:
+    """``named_shapes`` with a TypeError naming the entry when something is neither a tensor nor a shape."""
+    if isinstance(params, torch.nn.Module):
+        return named_shapes(params)
+    if isinstance(params, (str, bytes, Tensor)) or not isinstance(params, Iterable):
+        raise TypeError(
+            f"{arg} must be a model, a mapping {{name: tensor or shape}} or (name, tensor) pairs, got {_type_name(params)}"
+        )
+    items = params.items() if isinstance(params, Mapping) else params
+    out = {}
+    for i, item in enumerate(items):
+        if not (isinstance(item, (tuple, list)) and len(item) == 2):
+            raise TypeError(f"{arg}: entry {i} is {_type_name(item)}, not a (name, tensor) pair")
+        name, value = item
+        if not isinstance(name, str):
+            raise TypeError(f"{arg}: parameter names must be strings, got {_type_name(name)} {name!r:.60}")
+        out[name] = _shape_of(value, f"{arg}[{name!r}]")
+    return out
+
+
+def _score_shapes(scores: Mapping[str, Tensor]) -> dict[str, tuple[int, ...]]:
+    if not isinstance(scores, Mapping):
+        raise TypeError(f"scores must be a mapping {{parameter name: score tensor}}, got {_type_name(scores)}")
+    for name, s in scores.items():
+        if not isinstance(name, str):
+            raise TypeError(f"scores: parameter names must be strings, got {_type_name(name)} {name!r:.60}")
+        if not isinstance(s, Tensor):
+            raise TypeError(f"scores[{name!r}] is a {_type_name(s)}, not a tensor; give one float32 score tensor per parameter")
+    return named_shapes(scores)
+
+
+def _check_competing_scores(competing: list[str], scores: Sequence[Tensor]) -> None:
+    """What global_topk would refuse, with the parameter's name instead of a list position."""
+    for n, s in zip(competing, scores):
+        if s.dtype not in _TOPK_DTYPES:
+            raise TypeError(f"scores[{n!r}] has dtype {s.dtype}; scores must be float32 (or float16/bfloat16)")
+        if s.device != scores[0].device:
+            raise ValueError(
+                f"scores[{n!r}] is on {s.device} but scores[{competing[0]!r}] is on {scores[0].device}; "
+                "put all scores on one device"
+            )
 
 
 def match_names(names: Sequence[str], patterns: Sequence[str] | str) -> list[str]:
@@ -45,6 +132,7 @@ def budget(total: int, density: float | None, k: int | None) -> int:
 
 def _split_forced(shapes, force, exclude) -> tuple[list[str], list[str]]:
     names = list(shapes)
+    force, exclude = _patterns(force, "force"), _patterns(exclude, "exclude")
     forced = match_names(names, force) if force else []
     excluded = match_names(names, exclude) if exclude else []
     both = sorted(set(forced) & set(excluded))
@@ -54,7 +142,8 @@ def _split_forced(shapes, force, exclude) -> tuple[list[str], list[str]]:
     return forced, competing
 
 
-def _select(shapes, forced, competing, scores: Sequence[Tensor], k: int, provenance) -> FishMask:
+def _check_budget(shapes, forced, competing, k: int) -> int:
+    """The entries left for the top-k once the forced-in parameters are counted in k."""
     forced_k = sum(_numel(shapes[n]) for n in forced)
     if forced_k > k:
         raise ValueError(
@@ -65,6 +154,22 @@ def _select(shapes, forced, competing, scores: Sequence[Tensor], k: int, provena
     available = sum(_numel(shapes[n]) for n in competing)
     if rest > available:
         raise ValueError(f"budget k = {k:,} exceeds the {forced_k + available:,} entries that may be selected")
+    return rest
+
+
+def check_selection(
+    shapes: Mapping[str, tuple[int, ...]], density: float | None, k: int | None, force=(), exclude=(), frozen=()
+) -> None:
+    """Every check ``from_scores`` makes that needs no score values (budget, patterns, forced vs
+    excluded, forced vs k), for callers that compute the scores first (``fisher_mask``): run it
+    before that work. ``frozen``: names excluded besides the ``exclude`` patterns."""
+    k = budget(sum(_numel(s) for s in shapes.values()), density, k)
+    forced, competing = _split_forced(shapes, force, _patterns(exclude, "exclude") + list(frozen))
+    _check_budget(shapes, forced, competing, k)
+
+
+def _select(shapes, forced, competing, scores: Sequence[Tensor], k: int, provenance) -> FishMask:
+    rest = _check_budget(shapes, forced, competing, k)
     try:
         picked = global_topk(list(scores), rest)
     except RuntimeError as e:
@@ -95,11 +200,13 @@ def from_scores(
     force: patterns of parameters included entirely, counted inside k (e.g. "classifier").
     exclude: patterns of parameters never selected (they still count in "all parameters").
     """
-    shapes = named_shapes(scores)
+    shapes = _score_shapes(scores)
     k = budget(sum(_numel(s) for s in shapes.values()), density, k)
     forced, competing = _split_forced(shapes, force, exclude)
+    ranked = [scores[n].detach() for n in competing]
+    _check_competing_scores(competing, ranked)
     prov = {"method": "fish", "density": density, "k": k, **(provenance or {})}
-    return _select(shapes, forced, competing, [scores[n].detach() for n in competing], k, prov)
+    return _select(shapes, forced, competing, ranked, k, prov)
 
 
 def random_mask(
@@ -113,7 +220,9 @@ def random_mask(
     provenance: Mapping | None = None,
 ) -> FishMask:
     """The random-mask baseline: the same budget rule, entries drawn uniformly (seeded, exact k)."""
-    shapes = named_shapes(params)
+    shapes = _checked_shapes(params, "params")
+    if isinstance(seed, bool) or not hasattr(seed, "__index__"):
+        raise TypeError(f"seed must be an int, got {_type_name(seed)}")
     k = budget(sum(_numel(s) for s in shapes.values()), density, k)
     forced, competing = _split_forced(shapes, force, exclude)
     gen = torch.Generator().manual_seed(seed)
@@ -126,7 +235,8 @@ def bitfit_mask(
     params: ParamsLike, *, head: Sequence[str] | str = ("classifier",), provenance: Mapping | None = None
 ) -> FishMask:
     """BitFit (Ben Zaken et al., 2022): every bias plus the (new) classification head."""
-    shapes = named_shapes(params)
+    shapes = _checked_shapes(params, "params")
+    head = _patterns(head, "head")
     forced = match_names(list(shapes), head) if head else []
     selected = {n: torch.arange(_numel(s)) for n, s in shapes.items() if n.endswith("bias") or n in forced}
     return new_mask(shapes, selected, forced, {"method": "bitfit", "model": model_identity(params), **(provenance or {})})
@@ -136,11 +246,17 @@ def from_boolean(
     masks: Mapping[str, Tensor], *, forced: Sequence[str] = (), provenance: Mapping | None = None
 ) -> FishMask:
     """A mask from dense boolean tensors (True = trained), one per parameter."""
+    if not isinstance(masks, Mapping):
+        raise TypeError(f"masks must be a mapping {{parameter name: boolean tensor}}, got {_type_name(masks)}")
+    forced = _patterns(forced, "forced")
     shapes = {}
     selected = {}
     for name, m in masks.items():
+        if not isinstance(name, str):
+            raise TypeError(f"masks: parameter names must be strings, got {_type_name(name)} {name!r:.60}")
         if not isinstance(m, Tensor) or m.dtype != torch.bool:
-            raise TypeError(f"mask of {name!r} must be a boolean tensor, got {getattr(m, 'dtype', type(m))}")
+            got = m.dtype if isinstance(m, Tensor) else f"a {_type_name(m)}"
+            raise TypeError(f"mask of {name!r} must be a boolean tensor, got {got}")
         shapes[name] = tuple(m.shape)
         selected[name] = m.reshape(-1).nonzero().squeeze(1)
     return new_mask(shapes, selected, forced, {"method": "boolean", **(provenance or {})})

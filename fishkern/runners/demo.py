@@ -19,7 +19,7 @@ import torch
 
 from ..finetune import FinetuneConfig, FinetuneResult, finetune, select_mask
 from ..mask.builders import from_scores
-from ._report import fmt_bytes, git_revision, save_figure, write_json_atomic
+from ._report import fmt_bytes, git_revision, save_figure, write_json_atomic, write_text_atomic
 
 
 @dataclass
@@ -170,10 +170,15 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         bar.set_postfix(last=f"{method} {row['metrics']['accuracy']:.3f}")
     bar.close()
     report = summarize(cfg, runs, split, time.perf_counter() - t_all, fish_task)
+    write_outputs(out, report)
+    return report
+
+
+def write_outputs(out: Path, report: dict[str, Any]) -> None:
+    """results.json, the plot and report.md, each replaced atomically."""
     write_json_atomic(out / "results.json", report)
     plot_sweep(report, out / "accuracy_vs_density.png")
-    (out / "report.md").write_text(render_report(report))
-    return report
+    write_text_atomic(out / "report.md", render_report(report))
 
 
 def _agg(rows, key):

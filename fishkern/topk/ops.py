@@ -25,7 +25,21 @@ def _ensure_op():
 
         @torch.library.register_fake("fishkern::topk_select")
         def _(scores, k):
-            torch._check(k >= 0, lambda: "topk_select: k must be non-negative")
+            # the native op's checks that need no data (NaN is found only when it runs)
+            for i, s in enumerate(scores):
+                torch._check(
+                    s.dtype == torch.float32,
+                    lambda: f"topk_select: score tensor {i} has dtype {s.dtype}; scores must be float32",
+                )
+                torch._check(
+                    s.device == scores[0].device,
+                    lambda: f"topk_select: score tensor {i} is on {s.device} but score tensor 0 is on "
+                    f"{scores[0].device}; put all scores on one device",
+                )
+            total = sum(s.numel() for s in scores)
+            torch._check(
+                k >= 0 and k <= total, lambda: f"topk_select: k = {k} must lie in [0, {total}] (the number of scores)"
+            )
             ctx = torch.library.get_ctx()
             return [s.new_empty((ctx.new_dynamic_size(),), dtype=torch.int64) for s in scores]
 
