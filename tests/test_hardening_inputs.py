@@ -491,3 +491,15 @@ def test_two_writers_of_one_report_never_collide(tmp_path):
     assert errors == []
     assert json.loads(path.read_text()) in payloads
     assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
+
+
+def test_mask_matching_refuses_what_is_neither_tensor_nor_shape():
+    """check_matches / mask_indices read a list of floats as a shape before (same kind as item 13)."""
+    import fishkern
+
+    mask = fishkern.FishMask.random({"w": (4,)}, 0.5, seed=0)
+    with pytest.raises(TypeError, match="'w': expected a tensor or a shape"):
+        mask.check_matches({"w": [1.0, 2.0, 3.0, 4.0]})
+    with pytest.raises(TypeError, match="expected a tensor or a shape"):
+        mask.mask_indices({"w": [4.5]})
+    assert mask.check_matches({"w": (4,)}) == {"w": (4,)}

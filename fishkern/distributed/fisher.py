@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from ..fisher import estimate_fisher
 from ..mask import FishMask
-from ..mask.builders import from_scores
+from ..mask.builders import check_selection, from_scores
 from ._comm import Comm, require_initialized
 from .masks import broadcast_mask
 
@@ -64,6 +64,11 @@ def fisher_mask_distributed(
     summed over the ranks, rank 0 selects the mask and broadcasts it. Call it on every rank. With
     one process it is exactly ``fisher_mask``. The mask's provenance records N and the world size."""
     require_initialized("fisher_mask_distributed")
+    named = list(model.named_parameters())
+    # every check that needs no scores, on every rank, before the pass (a refusal on rank 0 alone
+    # after the pass would leave the others waiting in the broadcast)
+    check_selection({n: tuple(p.shape) for n, p in named}, density, k, force, exclude,
+                    frozen=[n for n, p in named if not p.requires_grad])
     comm = Comm(group, timeout)
     n_local = samples_of_rank(num_samples, comm.rank, comm.world_size)
     if n_local == 0:

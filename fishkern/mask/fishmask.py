@@ -35,7 +35,14 @@ def named_shapes(params: ParamsLike) -> dict[str, tuple[int, ...]]:
     items = params.items() if isinstance(params, Mapping) else params
     out = {}
     for name, value in items:
-        out[name] = tuple(value.shape) if isinstance(value, Tensor) else tuple(int(s) for s in value)
+        if isinstance(value, Tensor):
+            out[name] = tuple(value.shape)
+        elif isinstance(value, (tuple, list, torch.Size)) and all(
+            isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in value
+        ):
+            out[name] = tuple(value)
+        else:  # e.g. a list of floats or a numpy array: neither a tensor nor a shape
+            raise TypeError(f"{name!r}: expected a tensor or a shape (non-negative ints), got {type(value).__name__} {value!r:.60}")
     return out
 
 

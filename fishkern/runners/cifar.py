@@ -44,7 +44,7 @@ import torch.nn.functional as F
 
 from ..data.augment import Augment
 from ..models.resnet import CifarResNet
-from ._report import fmt_bytes, git_revision, write_json_atomic
+from ._report import fmt_bytes, git_revision, save_figure, write_json_atomic, write_text_atomic
 
 METHODS = ("standard", "dense", "fish", "random")
 DATASETS = ("cifar10", "digits")
@@ -680,8 +680,8 @@ def _spawn_entry(rank: int, world: int, tmp: str, cfg: CifarConfig, specs: list[
             write_json_atomic(Path(tmp) / "results.json", results)
         _close_group()
     except BaseException as e:
-        (Path(tmp) / f"error_rank{rank}.json").write_text(json.dumps(
-            {"type": type(e).__name__, "message": str(e), "traceback": traceback.format_exc()}))
+        write_json_atomic(Path(tmp) / f"error_rank{rank}.json",
+                          {"type": type(e).__name__, "message": str(e), "traceback": traceback.format_exc()})
         raise
 
 
@@ -802,7 +802,7 @@ def run_cifar(cfg: CifarConfig) -> dict[str, Any] | None:
         "environment": _environment(str(_device_for(cfg, 0))),
     }
     write_json_atomic(out / "results.json", report)
-    (out / "report.md").write_text(render_runs(report))
+    write_text_atomic(out / "report.md", render_runs(report))
     if sum(r["method"] != "standard" for r in results) > 1:
         plot_accuracy_vs_bytes(results, out / "accuracy_vs_bytes.png", title=f"{data['name']}: accuracy vs communication")
     return report
@@ -874,10 +874,7 @@ def plot_accuracy_vs_bytes(runs, path, title: str) -> None:
     ax.set_title(title)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = str(path) + ".tmp.png"
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def plot_checkpoints(rows, path, title: str) -> None:
@@ -902,10 +899,7 @@ def plot_checkpoints(rows, path, title: str) -> None:
     a2.set_xlabel("MB written, all checkpoints (dotted: full)")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    tmp = str(path) + ".tmp.png"
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 # ------------------------------------------------------------------------------------ miniature
@@ -1030,7 +1024,7 @@ def run_miniature(cfg: CifarConfig, plan: MiniaturePlan = MiniaturePlan()) -> di
                            title="Digits 8x8, small ResNet, 2 workers: accuracy vs communication")
     plot_checkpoints(report["table4"], out / "table4_checkpoints.png",
                      title="Digits 8x8: accuracy vs checkpoint bytes (1 checkpoint / epoch)")
-    (out / "report.md").write_text(render_miniature(report))
+    write_text_atomic(out / "report.md", render_miniature(report))
     return report
 
 
@@ -1173,7 +1167,7 @@ def run_benchmark(cfg: CifarConfig) -> dict[str, Any]:
            "command": " ".join(sys.argv), "environment": _environment(str(device)),
            "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()}}
     write_json_atomic(out / "benchmark.json", rep)
-    (out / "benchmark.md").write_text(render_benchmark(rep))
+    write_text_atomic(out / "benchmark.md", render_benchmark(rep))
     return rep
 
 
