@@ -12,7 +12,8 @@ every rank takes its rows of each global batch (`fishkern.distributed.loop.Shard
 Fisher pass is split across the ranks (`fisher_mask_distributed`: one mask, chosen on rank 0), and
 the model is wrapped in DDP — with the masked all-reduce hook for sparse methods
 (`fishkern.distributed.masked_ddp`), DDP's own for dense. Results equal one process over the same
-global batches within floating-point rounding; every rank returns them.
+global batches within floating-point rounding (a final batch with fewer rows than ranks is
+skipped); every rank returns them.
 """
 from __future__ import annotations
 
@@ -218,9 +219,12 @@ def finetune(
     rank, world = _data_parallel()
     fisher_data = fisher_data if fisher_data is not None else train
     if world > 1:
-        from .distributed.loop import ShardedBatches
+        from .distributed.loop import FisherSamples, ShardedBatches
 
-        train, fisher_data = ShardedBatches(train, rank, world), ShardedBatches(fisher_data, rank, world)
+        # training: each rank's rows of every global batch; Fisher: each rank's block of the first
+        # N samples — together exactly what one process would use
+        train = ShardedBatches(train, rank, world)
+        fisher_data = FisherSamples(fisher_data, config.num_samples, rank, world)
         progress = progress and rank == 0
     fisher_result = None
     if mask is None and config.method == "fish" and world > 1:
@@ -319,7 +323,7 @@ def _fish_mask_data_parallel(model, fisher_data, config: FinetuneConfig, progres
     t0 = time.perf_counter()
     mask = fisher_mask_distributed(model, fisher_data, config.density, config.num_samples,
                                    force=head, kind=config.fisher_kind, seed=config.seed, progress=progress)
-    info = SimpleNamespace(seconds=time.perf_counter() - t0, num_samples=config.num_samples)
+    info = SimpleNamespace(seconds=time.perf_counter() - t0, num_samples=mask.provenance.get("fisher_samples"))
     return mask, info
 
 

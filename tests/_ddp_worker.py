@@ -40,9 +40,15 @@ class Net(torch.nn.Module):
         self.frozen = torch.nn.Linear(9, 9)  # gets an empty mask: must never enter a DDP bucket
         self.head = torch.nn.Linear(9, 3)
 
+    checkpointed = False  # reentrant activation checkpointing of the fc layer: a nested backward
+
     def forward(self, x):
         h = self.norm(torch.relu(self.conv(x)).flatten(1))
-        return self.head(torch.tanh(self.frozen(torch.tanh(self.fc(h)))))
+        if self.checkpointed:
+            h = torch.utils.checkpoint.checkpoint(lambda t: torch.tanh(self.fc(t)), h, use_reentrant=True)
+        else:
+            h = torch.tanh(self.fc(h))
+        return self.head(torch.tanh(self.frozen(h)))
 
 
 def make_model() -> Net:
@@ -96,25 +102,32 @@ def make_opt(kind: str, model, mask, free: bool):
     return MaskedAdamW(model.named_parameters(), mask, lr=1e-2, weight_decay=0.01, free_dense_grads=free)
 
 
+def _ddp_kwargs(cfg: dict) -> dict:
+    return {"gradient_as_bucket_view": cfg.get("bucket_view", False), "bucket_cap_mb": cfg.get("bucket_mb", 25),
+            "static_graph": cfg.get("static", False), "find_unused_parameters": cfg.get("unused", False)}
+
+
 def train(cfg: dict, world: int, rank: int) -> dict:
     """One configuration: returns final parameters, the optimizer's gathered gradients per step and
     the bytes all-reduced during backward."""
     model = make_model()
+    model.checkpointed = cfg.get("ckpt", False)
     mask = make_mask(model)
     init = {n: p.detach().clone() for n, p in model.named_parameters()}
     free = cfg.get("free", False)
     opt = make_opt(cfg.get("opt", "adamw"), model, mask, free) if cfg.get("opt_first", True) else None
     net = model
     state = None
+    if world > 1 and cfg.get("warmup_backward"):  # a backward before DDP exists (then discarded)
+        x, y = batch(99)
+        torch.nn.functional.cross_entropy(model(local(x, world, rank)), local(y, world, rank)).backward()
+        opt.zero_grad()
     if world > 1:
         mode = cfg.get("ddp", "plain")
         if mode == "plain":
-            net = torch.nn.parallel.DistributedDataParallel(
-                model, gradient_as_bucket_view=cfg.get("bucket_view", False), bucket_cap_mb=cfg.get("bucket_mb", 25)
-            )
+            net = torch.nn.parallel.DistributedDataParallel(model, **_ddp_kwargs(cfg))
         elif mode == "hook":
-            net = masked_ddp(model, mask, dtype=cfg.get("dtype"), bucket_cap_mb=cfg.get("bucket_mb", 25),
-                             gradient_as_bucket_view=cfg.get("bucket_view", False))
+            net = masked_ddp(model, mask, dtype=cfg.get("dtype"), **_ddp_kwargs(cfg))
             state = net._fishkern_comm_state
         elif mode == "register":  # a DDP someone else built, hook added afterwards
             for n, p in model.named_parameters():
@@ -126,6 +139,8 @@ def train(cfg: dict, world: int, rank: int) -> dict:
     micro = cfg.get("micro", 1)
     grads, sent = [], []
     for step in range(STEPS):
+        if world > 1 and cfg.get("rewrap") and step == STEPS // 2:  # a new DDP module mid-training
+            net = torch.nn.parallel.DistributedDataParallel(model, static_graph=True)
         COUNTER.bytes = 0
         for m in range(micro):
             x, y = batch(step, m)
@@ -150,9 +165,9 @@ def train(cfg: dict, world: int, rank: int) -> dict:
                 gi = opt._grad_of(lay, i)
                 g.append(fishkern.optim._layout.flat_memory_view(gi).index_select(0, lay.mem_indices[i]).clone())
         grads.append(torch.cat(g))
-        dense_grads_left = [n for n, p in model.named_parameters() if p.grad is not None]
         sent.append(COUNTER.bytes)
         opt.step()
+        dense_grads_left = [n for n, p in model.named_parameters() if p.grad is not None]  # after step
         opt.zero_grad()
     final = {n: p.detach().clone() for n, p in model.named_parameters()}
     return {
@@ -162,7 +177,7 @@ def train(cfg: dict, world: int, rank: int) -> dict:
         "sent": sent,
         "k": mask.k,
         "k_trainable": sum(mask.k_of(n) for n in mask.shapes if not n.startswith("frozen")),
-        "dense_grads_left_last_step": dense_grads_left,
+        "dense_grads_left_after_step": dense_grads_left,
         "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
         "hook_stats": state.stats() if state is not None else None,
         "mask": {n: idx.clone() for n, idx in mask.indices.items()},
@@ -192,6 +207,13 @@ CONFIGS = {
     "sgd_hook_free": {"ddp": "hook", "free": True, "opt": "sgd"},
     "sgd_plain": {"ddp": "plain", "opt": "sgd"},
     "opt_after_ddp_free": {"ddp": "hook", "free": True, "opt_first": False},
+    # reentrant checkpointing runs nested backward passes; a hook-time gather would end with them
+    "ckpt_plain_free": {"ddp": "plain", "free": True, "ckpt": True},
+    "ckpt_hook_free": {"ddp": "hook", "free": True, "ckpt": True},
+    "static_hook_free": {"ddp": "hook", "free": True, "static": True},
+    "unused_hook_free": {"ddp": "hook", "free": True, "unused": True},
+    "warmup_then_ddp_free": {"ddp": "plain", "free": True, "warmup_backward": True},
+    "rewrap_free": {"ddp": "plain", "free": True, "rewrap": True},
 }
 
 
@@ -284,6 +306,7 @@ def fsdp_train(cfg: dict, world: int, rank: int) -> dict:
         if world > 1:
             x, y = local(x, world, rank), local(y, world, rank)
         torch.nn.functional.cross_entropy(model(x), y).backward()
+        dense_left = [n for n, p in model.named_parameters() if p.grad is not None]
         if cfg.get("clip"):
             norms.append(float(opt.clip_grad_norm_(cfg["clip"])))
         opt.step()
@@ -292,7 +315,7 @@ def fsdp_train(cfg: dict, world: int, rank: int) -> dict:
     for n, p in model.named_parameters():
         full[n] = (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
     return {"final": full, "norms": norms, "k_local": opt.num_masked(), "k": mask.k,
-            "state_bytes": opt.state_bytes()}
+            "state_bytes": opt.state_bytes(), "dense_grads_after_backward": dense_left}
 
 
 FSDP_CONFIGS = {
@@ -309,6 +332,45 @@ def scenario_fsdp(out: dict) -> None:
         out["fsdp_reference"] = {name: fsdp_train(cfg, 1, 0) for name, cfg in FSDP_CONFIGS.items()}
 
 
+def _outcome(fn) -> tuple:
+    t0 = time.monotonic()
+    try:
+        fn()
+        return (None, None, time.monotonic() - t0)
+    except Exception as e:  # noqa: BLE001 - recorded and checked by the test
+        return (type(e).__name__, str(e), time.monotonic() - t0)
+
+
+def scenario_one_rank_refuses(out: dict) -> None:
+    """A refusal or failure on one rank only must reach the other rank at once (not a timeout)."""
+    from fishkern.distributed import fisher_mask_distributed
+
+    def fisher_run(data, n=8):
+        model = make_model()
+
+        def loss_fn(out_, b):
+            return torch.nn.functional.cross_entropy(out_, b[1], reduction="none")
+
+        fisher_mask_distributed(model, data, 0.2, n, force="head", loss_fn=loss_fn, progress=False)
+
+    x, y = batch(0)
+    good = [(local(x, WORLD, RANK), local(y, WORLD, RANK))]
+    nan_x = good[0][0].clone()
+    nan_x[0, 0, 0, 0] = float("nan")
+    out["refuse_few_samples"] = _outcome(lambda: fisher_run(good, n=1))
+    out["refuse_empty_data"] = _outcome(lambda: fisher_run(good if RANK == 0 else []))
+    out["refuse_nan"] = _outcome(lambda: fisher_run(good if RANK == 0 else [(nan_x, good[0][1])]))
+    model = make_model()
+    mask = make_mask(model)
+    if RANK == 1:  # a mask for another model on one rank
+        mask = FishMask.from_boolean({n: torch.ones(p.shape, dtype=torch.bool) for n, p in model.named_parameters()
+                                      if n != "head.bias"})
+    out["refuse_masked_ddp"] = _outcome(lambda: masked_ddp(model, mask))
+    out["refuse_settings"] = _outcome(lambda: masked_ddp(make_model(), make_mask(make_model()),
+                                                         dtype=torch.bfloat16 if RANK == 1 else None))
+    dist.barrier()
+
+
 def scenario_ddp_then_free_opt(out: dict) -> None:
     """A DDP built first, then free_dense_grads=True wants to freeze a parameter DDP reduces."""
     model = make_model()
@@ -322,7 +384,8 @@ def scenario_ddp_then_free_opt(out: dict) -> None:
 
 
 SCENARIOS = {"equivalence": scenario_equivalence, "mismatch": scenario_mismatch, "die": scenario_die, "hang": scenario_hang,
-             "fsdp": scenario_fsdp, "ddp_then_free": scenario_ddp_then_free_opt}
+             "fsdp": scenario_fsdp, "ddp_then_free": scenario_ddp_then_free_opt,
+             "one_rank_refuses": scenario_one_rank_refuses}
 OUT_DIR = ""
 
 

@@ -59,7 +59,7 @@ from .ddp import (
     register_masked_comm_hook,
 )
 from .fisher import fisher_mask_distributed, samples_of_rank
-from .loop import ShardedBatches
+from .loop import FisherSamples, ShardedBatches
 from .errors import (
     CollectiveError,
     CollectiveMismatchError,
@@ -83,6 +83,7 @@ __all__ = [
     "fisher_mask_distributed",
     "samples_of_rank",
     "ShardedBatches",
+    "FisherSamples",
     "broadcast_mask",
     "all_gather_masks",
     "mask_to_tensors",

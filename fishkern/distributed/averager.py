@@ -55,6 +55,7 @@ import torch
 from torch import Tensor
 
 from ..mask.fishmask import FishMask
+from ..optim._ddp import mark_locally_reduced
 from ..optim._layout import _is_dense_layout, flat_memory_view, memory_offsets
 from ._comm import (
     OP_ASSERT_IN_SYNC,
@@ -235,6 +236,9 @@ class SparseAverager:
                     raise ValueError(f"parameter {name!r} does not cover its memory densely (strides {p.stride()})")
             tmo = as_timedelta(timeout)
             opts = list(optimizers)
+            # local SGD: every rank trains on its own gradient, so masked optimizers may gather it
+            # during backward (under DDP they wait for DDP's reduction instead; optim/_ddp.py)
+            mark_locally_reduced(p for _, p in named)
         except (ValueError, TypeError) as e:
             error = e
         if error is not None and not (torch.distributed.is_available() and torch.distributed.is_initialized()):

@@ -20,8 +20,8 @@ masked entry sends nothing.
 For a DDP module someone else built (``accelerate``, the HF Trainer) use
 ``register_masked_comm_hook(ddp, mask)``. Arithmetic per entry is DDP's own (divide by the world
 size, then sum), so the trained entries are bit-identical to DDP's default all-reduce wherever the
-backend's sum is (always with 2 ranks). The masked optimizers need nothing else: with
-``free_dense_grads=True`` they gather the gradient only after DDP has reduced it (see
+backend's sum is (always with 2 ranks). The masked optimizers need nothing else: in a process group
+they gather a plain parameter's gradient at ``step()``, after DDP has reduced it (see
 ``fishkern/optim/_ddp.py``), with or without this hook.
 """
 from __future__ import annotations
@@ -38,7 +38,6 @@ from torch import Tensor
 
 from .._indices import indices_digest
 from ..mask.fishmask import FishMask
-from ..optim import _ddp as _optim_ddp
 from ..optim._layout import check_mask_indices, memory_offsets
 from ._comm import Comm, rank_list, require_initialized
 from .errors import CollectiveError, MaskMismatchError
@@ -212,8 +211,9 @@ def _per_parameter_indices(module: torch.nn.Module, mask) -> list[tuple[str, Ten
     return out
 
 
-def _digest(entries: list[tuple[str, Tensor, Tensor]]) -> str:
+def _digest(entries: list[tuple[str, Tensor, Tensor]], settings: str) -> str:
     h = hashlib.sha256(b"fishkern-ddp-mask-v1")
+    h.update(settings.encode())
     for name, p, idx in entries:
         h.update(name.encode())
         h.update(indices_digest(idx, p.numel()).encode())
@@ -228,26 +228,34 @@ def _check_same_mask(comm: Comm, digest: str, what: str) -> None:
             groups.setdefault((d or b"").decode(), []).append(r)
         desc = "; ".join(f"{rank_list(rs)}: mask {d}" for d, rs in groups.items())
         raise MaskMismatchError(
-            f"{what}: the ranks hold different masks ({desc}); every rank must train the same entries "
-            "(compute the mask on one rank and broadcast it: fishkern.distributed.broadcast_mask)",
+            f"{what}: the ranks hold different masks or hook settings ({desc}); every rank must train the "
+            "same entries with the same op and dtype (compute the mask on one rank and broadcast it: "
+            "fishkern.distributed.broadcast_mask)",
             groups,
         )
 
 
 def _make_state(module, mask, op, dtype, process_group, timeout, what) -> tuple[MaskedCommState, list]:
     require_initialized(what)
-    if op not in OPS:
-        raise ValueError(f"op must be one of {OPS}, got {op!r}")
-    if dtype not in COMM_DTYPES:
-        raise ValueError(f"dtype must be None, torch.float32, torch.bfloat16 or torch.float16, got {dtype!r}")
-    entries = _per_parameter_indices(module, mask)
+    comm = Comm(process_group, timeout)
+    entries, error = [], None
+    try:  # a refusal on one rank must reach every rank, not leave the others in the mask check
+        if op not in OPS:
+            raise ValueError(f"op must be one of {OPS}, got {op!r}")
+        if dtype not in COMM_DTYPES:
+            raise ValueError(f"dtype must be None, torch.float32, torch.bfloat16 or torch.float16, got {dtype!r}")
+        entries = _per_parameter_indices(module, mask)
+    except (ValueError, TypeError) as e:
+        error = e
+    comm.agree_ok(f"{what}: arguments", error)
     from torch.utils.weak import WeakIdKeyDictionary
 
     table = WeakIdKeyDictionary()
     for _, p, idx in entries:
         table[p] = idx
-    comm = Comm(process_group, timeout)
-    digest = _digest(entries)
+    # the settings are part of what must agree: ranks with another op or dtype would pair
+    # all-reduces of different meaning or size
+    digest = _digest(entries, f"{op}/{dtype}")
     _check_same_mask(comm, digest, what)
     state = MaskedCommState(table, process_group, op, dtype, comm.world_size, digest)
     return state, entries
@@ -270,7 +278,6 @@ def register_masked_comm_hook(
     group = process_group if process_group is not None else getattr(ddp, "process_group", None)
     state, _ = _make_state(ddp.module, mask, op, dtype, group, timeout, "register_masked_comm_hook")
     ddp.register_comm_hook(state, masked_bf16_compress_hook if dtype == torch.bfloat16 else masked_allreduce_hook)
-    _optim_ddp.register_ddp(ddp)
     ddp._fishkern_comm_state = state
     return state
 
@@ -298,7 +305,6 @@ def masked_ddp(
         ddp_kwargs.setdefault("process_group", process_group)
     ddp = torch.nn.parallel.DistributedDataParallel(model, **ddp_kwargs)
     ddp.register_comm_hook(state, masked_bf16_compress_hook if dtype == torch.bfloat16 else masked_allreduce_hook)
-    _optim_ddp.register_ddp(ddp)
     ddp._fishkern_comm_state = state
     return ddp
 

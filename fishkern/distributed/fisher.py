@@ -21,6 +21,8 @@ from ..mask.builders import check_selection, from_scores
 from ._comm import Comm, require_initialized
 from .masks import broadcast_mask
 
+__all__ = ["fisher_mask_distributed", "samples_of_rank"]
+
 CHUNK_BYTES = 64 << 20  # scores are reduced in flat chunks of at most this size (a model copy would not fit twice)
 
 
@@ -60,38 +62,53 @@ def fisher_mask_distributed(
     **fisher_kwargs,
 ) -> FishMask:
     """``fishkern.fisher_mask`` over N samples split across the ranks of ``group``: each rank reads
-    its share (``samples_of_rank``) from ``local_data`` — its own shard of the data — the scores are
-    summed over the ranks, rank 0 selects the mask and broadcasts it. Call it on every rank. With
-    one process it is exactly ``fisher_mask``. The mask's provenance records N and the world size."""
+    its share (``samples_of_rank``) from ``local_data`` — its own part of the data — the scores are
+    summed over the ranks, rank 0 selects the mask and broadcasts it. Call it on every rank.
+
+    Which N samples: the first ``samples_of_rank(N, r, W)`` that ``local_data`` yields on rank r.
+    They are the first N samples of one process's stream when each rank's ``local_data`` is
+    ``FisherSamples(global_batches, N, r, W)`` (what ``fishkern.finetune`` passes), or when N is a
+    multiple of the global batch and each rank reads its rows of every batch (a DistributedSampler,
+    accelerate's loaders). A refusal or failure on any rank (bad arguments, data that runs out
+    empty, NaN scores) is raised on every rank. The provenance records N and the world size."""
     require_initialized("fisher_mask_distributed")
-    named = list(model.named_parameters())
-    # every check that needs no scores, on every rank, before the pass (a refusal on rank 0 alone
-    # after the pass would leave the others waiting in the broadcast)
-    check_selection({n: tuple(p.shape) for n, p in named}, density, k, force, exclude,
-                    frozen=[n for n, p in named if not p.requires_grad])
     comm = Comm(group, timeout)
-    n_local = samples_of_rank(num_samples, comm.rank, comm.world_size)
-    if n_local == 0:
-        raise ValueError(f"num_samples={num_samples} is smaller than the {comm.world_size} ranks: every rank needs a sample")
-    result = estimate_fisher(model, local_data, n_local, **fisher_kwargs)
     names = [n for n, _ in model.named_parameters()]
-    scores = [result.scores[n].float() for n in names if n in result.scores]
+    error, result = None, None
+    try:  # everything that can fail on one rank only, before the first collective
+        if num_samples < comm.world_size:
+            raise ValueError(f"num_samples={num_samples} is smaller than the {comm.world_size} ranks: every rank needs a sample")
+        named = list(model.named_parameters())
+        check_selection({n: tuple(p.shape) for n, p in named}, density, k, force, exclude,
+                        frozen=[n for n, p in named if not p.requires_grad])
+        result = estimate_fisher(model, local_data, samples_of_rank(num_samples, comm.rank, comm.world_size), **fisher_kwargs)
+    except Exception as e:  # noqa: BLE001 - re-raised on this rank, reported on the others
+        error = e
+    comm.agree_ok("fisher_mask_distributed: the Fisher pass", error)
+    trained = [n for n in names if n in result.scores]
+    scores = [result.scores[n].float() for n in trained]
     _all_reduce_scores(comm, scores)
-    mask = None
+    seen = torch.tensor([result.num_samples], dtype=torch.float32)
+    _all_reduce_scores(comm, [seen])
+    mask, error = None, None
     if comm.rank == 0:
-        reduced = dict(zip([n for n in names if n in result.scores], scores))
-        frozen = [n for n in names if n not in reduced]
-        params = dict(model.named_parameters())
-        for n in frozen:
-            reduced[n] = torch.zeros(params[n].shape, dtype=torch.float32, device=params[n].device)
-        ordered = {n: reduced[n] for n in names}
-        excluded = ([exclude] if isinstance(exclude, str) else list(exclude)) + frozen
-        provenance = {
-            "fisher_kind": result.kind,
-            "fisher_samples": num_samples,
-            "fisher_world_size": comm.world_size,
-            "fisher_implementation": result.implementation,
-            "fisher_seconds": round(result.seconds, 3),
-        }
-        mask = from_scores(ordered, density, k=k, force=force, exclude=excluded, provenance=provenance)
+        try:
+            reduced = dict(zip(trained, scores))
+            params = dict(model.named_parameters())
+            frozen = [n for n in names if n not in reduced]
+            for n in frozen:
+                reduced[n] = torch.zeros(params[n].shape, dtype=torch.float32, device=params[n].device)
+            excluded = ([exclude] if isinstance(exclude, str) else list(exclude)) + frozen
+            provenance = {
+                "fisher_kind": result.kind,
+                "fisher_samples": int(seen.item()),
+                "fisher_world_size": comm.world_size,
+                "fisher_implementation": result.implementation,
+                "fisher_seconds": round(result.seconds, 3),
+            }
+            mask = from_scores({n: reduced[n] for n in names}, density, k=k, force=force, exclude=excluded,
+                               provenance=provenance)
+        except (ValueError, TypeError) as e:  # e.g. NaN scores from any rank
+            error = e
+    comm.agree_ok("fisher_mask_distributed: the mask selection on rank 0", error)
     return broadcast_mask(mask, src=0, group=group, timeout=timeout)

@@ -54,3 +54,33 @@ class ShardedBatches:
                                 for k, v in batch.items()})
             local.loss_scale = self.world * (hi - lo) / n
             yield local
+
+
+class FisherSamples:
+    """Rank ``rank``'s block of the first ``num_samples`` samples of ``batches`` (the global stream,
+    the same on every rank): global samples ``[lo, hi)`` with the blocks sized by
+    ``fisher.samples_of_rank``. Passed to ``fisher_mask_distributed``, the ranks together score
+    exactly the N samples one process would, whatever the batch size."""
+
+    def __init__(self, batches: Iterable, num_samples: int, rank: int, world: int):
+        from .fisher import samples_of_rank
+
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} is not in [0, {world})")
+        self.batches = batches
+        self.lo = sum(samples_of_rank(num_samples, r, world) for r in range(rank))
+        self.hi = self.lo + samples_of_rank(num_samples, rank, world)
+
+    def __iter__(self) -> Iterator[dict]:
+        start = 0
+        for batch in self.batches:
+            if start >= self.hi:
+                return
+            if not isinstance(batch, Mapping):
+                raise TypeError(f"FisherSamples needs dict batches, got {type(batch).__name__}")
+            n = _rows(batch)
+            lo, hi = max(self.lo - start, 0), min(self.hi - start, n)
+            if lo < hi:
+                yield {k: v[lo:hi] if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == n else v
+                       for k, v in batch.items()}
+            start += n

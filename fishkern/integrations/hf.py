@@ -95,7 +95,9 @@ class _FishTrainerMixin:
         """Fisher scores over the training set as the Trainer will feed it (its collator, its seed).
         With several processes (torchrun, accelerate launch) each process scores its share of the N
         samples from its own shard of the data, the scores are summed over the processes and the
-        main process selects the mask and broadcasts it: one mask, the same on every rank."""
+        main process selects the mask and broadcasts it: one mask, the same on every rank. The N
+        samples are the first N of one process's order when N is a multiple of the global batch
+        (each process takes the first N/W of its shard)."""
         loader = self.get_train_dataloader()
         kwargs = dict(kind=self.fish_kind, seed=self.args.seed, progress=not self.args.disable_tqdm and self.is_world_process_zero())
         if self._multi_process():
@@ -116,9 +118,7 @@ class _FishTrainerMixin:
         if not isinstance(ddp, DistributedDataParallel) or getattr(ddp, "_fishkern_comm_state", None) is not None:
             return
         from ..distributed.ddp import register_masked_comm_hook
-        from ..optim import _ddp
 
-        _ddp.register_ddp(ddp)  # the optimizer gathers free_dense_grads after DDP's reduction
         if self.fish_comm_hook:
             self.fish_comm_state = register_masked_comm_hook(ddp, self._masked_optimizer(), dtype=self.fish_comm_dtype)
 
@@ -187,11 +187,18 @@ class _FishTrainerMixin:
     def save_task_file(self, path: str | os.PathLike, base, *, overwrite: bool = False) -> int:
         """Write the task file (see ``save_task_file``); with several processes only the main one
         writes (the others return 0 once it is written)."""
-        written = 0
+        written, error = 0, None
         if self.args.should_save:
-            written = save_task_file(self.model, base, self.fish_mask, path, overwrite=overwrite)
-        if self._multi_process():
-            self.accelerator.wait_for_everyone()
+            try:
+                written = save_task_file(self.model, base, self.fish_mask, path, overwrite=overwrite)
+            except Exception as e:  # noqa: BLE001 - re-raised below, after telling the other ranks
+                error = e
+        if self._multi_process():  # every rank learns whether the main process wrote it
+            from ..distributed._comm import Comm
+
+            Comm().agree_ok("FishTrainer.save_task_file", error)
+        elif error is not None:
+            raise error
         return written
 
 

@@ -1,90 +1,66 @@
-"""How the masked optimizers learn that DistributedDataParallel reduces a parameter's gradient.
+"""When the masked optimizers may gather a gradient during backward, under torch.distributed.
 
 With ``free_dense_grads=True`` the optimizer copies a parameter's k gradient entries and frees its
-dense ``.grad`` in a post-accumulate-grad hook. Under DDP that hook runs *before* DDP's own hook on
-the same parameter, so gathering there would take the rank's local, unreduced gradient (and hand
-DDP an empty ``.grad``): every rank would train on its own gradient, silently. For parameters a DDP
-module reduces, the gather therefore waits until DDP has written the averaged gradient back into
-``.grad``: the end of the backward pass, after DDP's own end-of-backward callback. Inside
-``no_sync()`` nothing is gathered: DDP accumulates the local gradients in ``.grad`` and reduces the
-sum at the next synchronised backward, where the gather then happens.
+dense ``.grad`` in a post-accumulate-grad hook. Under DistributedDataParallel that hook runs
+*before* DDP's own hook on the same parameter and long before DDP writes the averaged gradient back
+(at the end of the outermost backward — after every nested backward of reentrant activation
+checkpointing, and only outside ``no_sync()``): gathering there takes the rank's local gradient and
+hands DDP an empty ``.grad``, so every rank trains on its own gradient, silently.
 
-The optimizer knows which parameters DDP reduces from this registry: ``register_ddp(ddp)`` is
-called by fishkern's DDP helpers (``fishkern.distributed.register_masked_comm_hook``,
-``masked_ddp``) and by ``FishTrainer``; for DDP modules built by user code, the optimizer finds
-them once (a scan of the garbage collector's objects, only in a multi-rank process group).
+So in a process with an initialised process group, a plain parameter's gradient is *not* gathered
+in the hook: ``.grad`` stays as DDP leaves it, and ``step()`` / ``clip_grad_norm_`` gather the k
+entries from it (by then reduced) and free it. That needs no knowledge of which DDP module reduces
+what, nor of checkpointing, ``no_sync`` or re-wrapping, and it costs no memory compared with
+gathering at the end of backward (only clipping lies between). Gathering in the hook stays on where
+it is known to be right:
+
+- no process group (one process);
+- sharded (DTensor) parameters: FSDP2 runs the hook after its reduce-scatter has written the
+  reduced shard;
+- parameters registered as reduced by fishkern itself, not by DDP (``mark_locally_reduced``:
+  SparseAverager's local-SGD setting, where each rank trains on its own gradient by design).
 """
 from __future__ import annotations
 
 import gc
-import weakref
-from collections.abc import Callable
+from collections.abc import Iterable
 
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
-_owner: WeakIdKeyDictionary = WeakIdKeyDictionary()  # parameter -> weakref to its DDP module
+_locally_reduced: WeakIdKeyDictionary = WeakIdKeyDictionary()  # parameter -> True
 
 
-def _ddp_class():
-    try:
-        from torch.nn.parallel import DistributedDataParallel
-    except ImportError:
-        return None
-    return DistributedDataParallel
+def mark_locally_reduced(params: Iterable[Tensor]) -> None:
+    """These parameters' gradients are never reduced by DDP (e.g. local SGD with SparseAverager):
+    a masked optimizer may gather and free them during backward, also in a process group."""
+    for p in params:
+        _locally_reduced[p] = True
 
 
-def register_ddp(ddp) -> None:
-    """Record that ``ddp`` (a DistributedDataParallel module) reduces its module's parameters."""
-    ignored = getattr(ddp, "parameters_to_ignore", set()) or set()
-    ref = weakref.ref(ddp)
-    for name, p in ddp.module.named_parameters():
-        if name not in ignored:
-            _owner[p] = ref
-
-
-def ddp_of(p: Tensor):
-    """The live DDP module that reduces ``p``'s gradient, or None."""
-    ref = _owner.get(p)
-    ddp = ref() if ref is not None else None
-    return ddp
-
-
-def multi_rank() -> bool:
+def distributed_initialized() -> bool:
     try:
         import torch.distributed as dist
     except ImportError:
         return False
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    return dist.is_available() and dist.is_initialized()
 
 
-def discover_ddp() -> int:
-    """Register every live DDP module of this process; returns how many were found."""
-    cls = _ddp_class()
-    if cls is None:
-        return 0
-    found = [o for o in gc.get_objects() if issubclass(type(o), cls)]  # type(): no __class__ lookups
-    for ddp in found:
-        register_ddp(ddp)
-    return len(found)
+def gather_in_backward(p: Tensor, sharded: bool) -> bool:
+    """Whether the post-accumulate-grad hook may gather and free ``p``'s gradient now."""
+    return sharded or p in _locally_reduced or not distributed_initialized()
 
 
-def reduces_this_backward(ddp) -> bool:
-    """Whether DDP will reduce the gradients of the backward now running: its last forward ran
-    outside ``no_sync()`` (DDP records that in ``require_forward_param_sync`` at forward time)."""
-    flag = getattr(ddp, "require_forward_param_sync", None)
-    return bool(ddp.require_backward_grad_sync if flag is None else flag)
-
-
-def after_ddp_reduction(fn: Callable[[], None]) -> None:
-    """Run ``fn`` at the end of the current backward pass, after DDP's end-of-backward callback.
-
-    DDP queues its finalisation (wait for the all-reduces, write the reduced buckets into ``.grad``)
-    on the autograd engine when the last bucket is ready, i.e. after some of our hooks have run. A
-    callback queued now runs before it; one queued *from* that callback runs after every callback
-    queued so far (the engine runs callbacks in order, including ones added while running), so
-    after DDP's."""
-    from torch.autograd import Variable
-
-    engine = Variable._execution_engine
-    engine.queue_callback(lambda: engine.queue_callback(fn))
+def ddp_managed() -> set[int]:
+    """ids of the parameters that live DistributedDataParallel modules reduce (one scan of the
+    garbage collector's objects). Used at construction only, for a clear error."""
+    try:
+        from torch.nn.parallel import DistributedDataParallel
+    except ImportError:
+        return set()
+    ids: set[int] = set()
+    for o in gc.get_objects():
+        if issubclass(type(o), DistributedDataParallel):  # type(): no __class__ lookups on odd objects
+            ignored = getattr(o, "parameters_to_ignore", set()) or set()
+            ids.update(id(q) for n, q in o.module.named_parameters() if n not in ignored)
+    return ids

@@ -100,7 +100,6 @@ class MaskedOptimizer(torch.optim.Optimizer):
         self.master_weights = bool(master_weights)
         self.implementation = implementation
         self._native: bool | None = None
-        self._ddp_searched = False
         try:
             super().__init__(params, defaults)
         except BaseException:
@@ -113,7 +112,6 @@ class MaskedOptimizer(torch.optim.Optimizer):
                 "it must hold exactly one index tensor per parameter, in order"
             )
         self._pending_masks = None
-        self._ddp_searched = False  # DDP may be built after the optimizer: look again at the first backward
 
     # ------------------------------------------------------------------ groups and masks
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -237,13 +235,16 @@ class MaskedOptimizer(torch.optim.Optimizer):
 
     def _register_grad_hooks(self, gi: int) -> None:
         lay = self._layouts[gi]
+        reduced_by_ddp = None  # ids of parameters a live DDP module reduces, looked up once if needed
         for i, p in enumerate(lay.owners):
             # global k: a rank whose shard holds none of a parameter's entries must still treat it as
             # trained, or the ranks would disagree on which gradients FSDP reduces
             if lay.global_k[i] == 0:
                 # Nothing of it is trained: autograd need not compute its gradient at all.
                 if p.requires_grad:
-                    if _ddp.multi_rank() and self._ddp_reducing(p) is not None:
+                    if reduced_by_ddp is None:
+                        reduced_by_ddp = _ddp.ddp_managed() if _ddp.distributed_initialized() else set()
+                    if id(p) in reduced_by_ddp:
                         raise ValueError(
                             f"param group {gi}, parameter {i} (shape {tuple(p.shape)}) has no masked entry and "
                             "free_dense_grads=True would freeze it, but a DistributedDataParallel module already "
@@ -259,15 +260,13 @@ class MaskedOptimizer(torch.optim.Optimizer):
             self._hooks.append(p.register_post_accumulate_grad_hook(self._make_hook(gi, i)))
 
     def _make_hook(self, gi: int, i: int):
+        sharded = self._layouts[gi].shards[i] is not None
+
         def hook(p: Tensor) -> None:
-            ddp = self._ddp_reducing(p)
-            if ddp is not None:
-                # DDP reduces this gradient after this hook: gather once it has (see optim/_ddp.py);
-                # inside no_sync() leave .grad to accumulate, DDP reduces the sum later.
-                if _ddp.reduces_this_backward(ddp):
-                    _ddp.after_ddp_reduction(lambda: self._gather_and_free(gi, i))
-                return
-            self._gather_and_free(gi, i)
+            # Under DDP the gradient is reduced only after this hook: leave .grad to DDP, step()
+            # gathers it then (see optim/_ddp.py).
+            if _ddp.gather_in_backward(p, sharded):
+                self._gather_and_free(gi, i)
 
         return hook
 
@@ -281,16 +280,6 @@ class MaskedOptimizer(torch.optim.Optimizer):
             self._gather_grad(lay, i, grad, out, accumulate=rt.grad_ready[i])
         rt.grad_ready[i] = True
         lay.owners[i].grad = None  # the dense gradient is freed as soon as its k entries are safe
-
-    def _ddp_reducing(self, p: Tensor):
-        """The DDP module that reduces p's gradient, or None (looked up once per optimizer in a
-        multi-rank process group if nothing registered it)."""
-        ddp = _ddp.ddp_of(p)
-        if ddp is None and not self._ddp_searched and _ddp.multi_rank():
-            self._ddp_searched = True
-            _ddp.discover_ddp()
-            ddp = _ddp.ddp_of(p)
-        return ddp
 
     def remove_grad_hooks(self) -> None:
         """Undo ``free_dense_grads``: remove the hooks and give back requires_grad to the
@@ -419,6 +408,7 @@ class MaskedOptimizer(torch.optim.Optimizer):
 
     def _step_group(self, gi: int, group: dict[str, Any], active: list[int]) -> None:
         lay, rt = self._layouts[gi], self._runtime[gi]
+        read_dense = [i for i in active if not rt.grad_ready[i]] if self.free_dense_grads else []
         if not active:
             return
         bufs = self._ensure_buffers(gi, group)
@@ -450,6 +440,8 @@ class MaskedOptimizer(torch.optim.Optimizer):
             self._publish_state(gi, i)
         if any(rt.grad_ready):
             rt.grad_ready = [False] * len(rt.grad_ready)  # gathered gradients are consumed by step()
+        for i in read_dense:  # gathered here, not in backward (under DDP): free them now
+            lay.owners[i].grad = None
 
     def _init_master(self, lay: GroupLayout, run: Run, master: Tensor) -> None:
         for i in run.positions:
@@ -592,6 +584,8 @@ class MaskedOptimizer(torch.optim.Optimizer):
                     out = self._grad_buffer(gi)[lay.slice(i)]
                     self._gather_grad(lay, i, g, out, accumulate=False)
                     rt.grad_ready[i] = True
+                    if self.free_dense_grads:
+                        lay.owners[i].grad = None
                     pieces.append(out)
                 else:
                     continue
