@@ -119,6 +119,16 @@ class _FishTrainerMixin:
             return
         from ..distributed.ddp import register_masked_comm_hook
 
+        if self.fish_comm_hook and getattr(ddp, "_comm_hooks", None):
+            import warnings
+
+            warnings.warn(
+                "FishTrainer: the DDP module already has a communication hook (e.g. from accelerate's "
+                "DistributedDataParallelKwargs(comm_hook=...)); keeping it, so all dense gradients are reduced. "
+                "Drop that hook to reduce only the masked entries, or pass fish_comm_hook=False to silence this",
+                stacklevel=2,
+            )
+            return
         if self.fish_comm_hook:
             self.fish_comm_state = register_masked_comm_hook(ddp, self._masked_optimizer(), dtype=self.fish_comm_dtype)
 
