@@ -103,8 +103,11 @@ def make_opt(kind: str, model, mask, free: bool):
 
 
 def _ddp_kwargs(cfg: dict) -> dict:
-    return {"gradient_as_bucket_view": cfg.get("bucket_view", False), "bucket_cap_mb": cfg.get("bucket_mb", 25),
-            "static_graph": cfg.get("static", False), "find_unused_parameters": cfg.get("unused", False)}
+    kw = {"bucket_cap_mb": cfg.get("bucket_mb", 25), "static_graph": cfg.get("static", False),
+          "find_unused_parameters": cfg.get("unused", False)}
+    if "bucket_view" in cfg:  # else each wrapper's default: False for DDP, True for masked_ddp
+        kw["gradient_as_bucket_view"] = cfg["bucket_view"]
+    return kw
 
 
 def train(cfg: dict, world: int, rank: int) -> dict:
@@ -198,6 +201,7 @@ CONFIGS = {
     "plain_free_view": {"ddp": "plain", "free": True, "bucket_view": True},
     "hook": {"ddp": "hook"},
     "hook_free": {"ddp": "hook", "free": True},
+    "hook_free_copies": {"ddp": "hook", "free": True, "bucket_view": False},
     "hook_free_small_buckets": {"ddp": "hook", "free": True, "bucket_mb": 0.001},
     "hook_bf16": {"ddp": "hook", "free": True, "dtype": torch.bfloat16},
     "register": {"ddp": "register", "free": True},

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 # run name -> (optimizer, micro-batches) of its single-process reference
-HOOK_RUNS = ["hook", "hook_free", "hook_free_small_buckets", "register", "accum_hook_free", "sgd_hook_free",
+HOOK_RUNS = ["hook", "hook_free", "hook_free_copies", "hook_free_small_buckets", "register", "accum_hook_free", "sgd_hook_free",
              "opt_after_ddp_free", "ckpt_hook_free", "static_hook_free", "unused_hook_free"]
 PLAIN_RUNS = ["plain", "plain_free", "plain_free_view", "accum_plain", "accum_plain_free", "sgd_plain",
               "ckpt_plain_free", "warmup_then_ddp_free", "rewrap_free"]
