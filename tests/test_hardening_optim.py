@@ -118,3 +118,21 @@ def test_valid_state_dict_still_round_trips():
     opt.step()
     opt2.step()
     assert torch.equal(p, p2)
+
+
+@pytest.mark.parametrize("cls", [MaskedAdamW, MaskedSGD])
+def test_a_dropped_optimizer_frees_its_model(cls):
+    """free_dense_grads hooks held the optimizer: parameter -> hook -> optimizer -> parameter, a cycle
+    the garbage collector cannot free (found when a benchmark ran out of memory after a few models)."""
+    import gc
+    import weakref
+
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Linear(5, 2))
+    opt = cls(list(model.parameters()), [torch.tensor([0, 3]), torch.tensor([], dtype=torch.long),
+                                         torch.tensor([1]), torch.tensor([0])], lr=0.1, free_dense_grads=True)
+    model(torch.randn(3, 6)).sum().backward()
+    opt.step()
+    refs = [weakref.ref(p) for p in model.parameters()] + [weakref.ref(opt)]
+    del model, opt
+    gc.collect()
+    assert all(r() is None for r in refs)

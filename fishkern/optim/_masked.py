@@ -7,6 +7,7 @@ Subclasses name their per-entry state buffers and implement ``_update_run_torch`
 """
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -100,6 +101,7 @@ class MaskedOptimizer(torch.optim.Optimizer):
         self.master_weights = bool(master_weights)
         self.implementation = implementation
         self._native: bool | None = None
+        self._hook_finalizer = None
         try:
             super().__init__(params, defaults)
         except BaseException:
@@ -258,15 +260,23 @@ class MaskedOptimizer(torch.optim.Optimizer):
             if not p.requires_grad:
                 continue  # gets no gradient; if it is unfrozen later, its .grad is gathered at step()
             self._hooks.append(p.register_post_accumulate_grad_hook(self._make_hook(gi, i)))
+        if self._hooks and self._hook_finalizer is None:
+            # the hooks go with the optimizer (the parameters it froze stay frozen)
+            self._hook_finalizer = weakref.finalize(self, _remove_handles, self._hooks)
 
     def _make_hook(self, gi: int, i: int):
         sharded = self._layouts[gi].shards[i] is not None
+        # A weak reference: a hook holding the optimizer would make parameter -> hook -> optimizer ->
+        # parameter a cycle that the garbage collector cannot free (tensor hooks are not traversed),
+        # so a dropped optimizer would keep its whole model alive.
+        owner = weakref.ref(self)
 
         def hook(p: Tensor) -> None:
+            opt = owner()
             # Under DDP the gradient is reduced only after this hook: leave .grad to DDP, step()
             # gathers it then (see optim/_ddp.py).
-            if _ddp.gather_in_backward(p, sharded):
-                self._gather_and_free(gi, i)
+            if opt is not None and _ddp.gather_in_backward(p, sharded):
+                opt._gather_and_free(gi, i)
 
         return hook
 
@@ -787,3 +797,9 @@ def _saved_step(step: Any, where: str) -> int:
     if isinstance(step, bool) or not isinstance(step, (int, float)) or step != step or step < 0 or step != int(step):
         raise ValueError(f"{where}: saved 'step' must be a non-negative whole number, got {step!r}")
     return int(step)
+
+
+def _remove_handles(handles: list) -> None:
+    for h in handles:
+        h.remove()
+    handles.clear()
