@@ -53,6 +53,7 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="a 2-layer BERT (a smoke run, not a measurement)")
     ap.add_argument("--out", default=None, help="results stem (default benchmarks/results/ddp_<device>)")
+    ap.add_argument("--render", default=None, metavar="JSON", help="only rewrite the table of a saved result")
     return ap.parse_args()
 
 
@@ -178,15 +179,24 @@ def write(args, device, per_rank: list[list[dict]]) -> None:
     tmp = stem.with_suffix(".json.tmp")
     tmp.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     os.replace(tmp, stem.with_suffix(".json"))
+    render(meta, rows, stem)
+
+
+def render(meta: dict, rows: list[dict], stem: Path) -> None:
+    env, world, load = meta["environment"], meta["world_size"], meta["load_average_1min_at_end"]
+    floors = [r["no_sync_s"] for r in rows]
     lines = [
-        f"# Data-parallel FISH step: DDP's dense all-reduce vs fishkern's masked hook — {device.type}", "",
+        f"# Data-parallel FISH step: DDP's dense all-reduce vs fishkern's masked hook — {stem.name.split('_')[-1]}", "",
         f"- device: {env['device_description']}; {world} ranks, backend {meta['backend']}",
         f"- python {env['python']}, torch {env['torch']}, transformers {env['transformers']}, fishkern {env['fishkern']} (git {meta['git']})",
         f"- command: `{meta['command']}`; {meta['timestamp']}; 1-min load average at the end: {load}",
-        f"- model: {meta['model']}; {rows[0]['params']:,} parameters; per rank {args.batch} × {args.seq} tokens",
-        f"- step = forward + backward (with the reduction) + MaskedAdamW(free_dense_grads=True) step, median of {args.steps} "
-        f"after {args.warmup} warm-up, the slowest rank; no_sync = the same forward + backward without any reduction; "
+        f"- model: {meta['model']}; {rows[0]['params']:,} parameters; per rank {meta['batch_per_rank']} × {meta['seq']} tokens",
+        f"- step = forward + backward (with the reduction) + MaskedAdamW(free_dense_grads=True) step, median of {meta['steps']} "
+        f"after {meta['warmup']} warm-up, the slowest rank; no_sync = the same forward + backward without any reduction; "
         "reduction = step − no_sync (it includes the optimizer step, the same for all methods of a density).",
+        f"- noise: no_sync is the same computation in every row, yet ranges {min(floors) * 1e3:,.0f}–{max(floors) * 1e3:,.0f} ms "
+        "here; differences smaller than that spread (and the reduction column, a difference of two such numbers) are not "
+        "meaningful on this machine. Bytes are exact.",
         "- bytes per step and rank: masked hooks counted at `torch.distributed.all_reduce`; dense = 4 × the "
         "parameters DDP buckets (parameters without a masked entry are frozen by the optimizer before DDP wraps the "
         "model, so DDP buckets only the rest).", "",
@@ -203,6 +213,12 @@ def write(args, device, per_rank: list[list[dict]]) -> None:
     print("\n".join(lines))
 
 
+def render_saved(path: str) -> None:
+    """Rewrite the .md of a saved .json (no run)."""
+    data = json.loads(Path(path).read_text())
+    render(data["meta"], data["rows"], Path(path).with_suffix(""))
+
+
 def _spawned(rank: int, args, store_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store_dir}/store", rank=rank, world_size=args.world,
                             timeout=datetime.timedelta(seconds=1800))
@@ -214,6 +230,9 @@ def _spawned(rank: int, args, store_dir: str) -> None:
 
 def main() -> None:
     args = parse()
+    if args.render:
+        render_saved(args.render)
+        return
     if "RANK" in os.environ:  # torchrun
         from fishkern.distributed import init_from_env
 
