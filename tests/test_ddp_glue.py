@@ -5,42 +5,27 @@ from __future__ import annotations
 import csv
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from _tiny_bert import WORDS, free_port, save_tiny_bert
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("datasets")
 
 from fishkern import FishMask  # noqa: E402
-from fishkern.data import minilm_path  # noqa: E402
 from fishkern.diff import SparseDiff  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-WORDS = ["good", "great", "awful", "bad", "lovely", "terrible", "nice", "horrible", "fine", "sad", "happy", "ugly"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def glue_inputs(tmp_path_factory):
     d = tmp_path_factory.mktemp("glue_ddp")
-    tok = transformers.AutoTokenizer.from_pretrained(str(minilm_path()))
-    cfg = transformers.BertConfig(
-        vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,
-        max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,  # no per-rank RNG
-    )
-    torch.manual_seed(0)
-    transformers.BertModel(cfg).save_pretrained(d / "model")
-    tok.save_pretrained(d / "model")
+    save_tiny_bert(d / "model")
     data = d / "data"
     data.mkdir()
     for split, n in (("train", 29), ("validation", 12)):  # 29: a last batch of 5 rows splits 2 + 3
@@ -67,7 +52,7 @@ def _glue(inputs: Path, out: Path, launcher: list[str]) -> dict:
 @pytest.fixture(scope="module")
 def glue_runs(glue_inputs, tmp_path_factory):
     base = tmp_path_factory.mktemp("glue_runs")
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port())]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port())]
     return {
         "one": (_glue(glue_inputs, base / "one", [sys.executable]), base / "one"),
         "two": (_glue(glue_inputs, base / "two", torchrun), base / "two"),

@@ -5,42 +5,27 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from _tiny_bert import WORDS, free_port, save_tiny_bert
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
-from fishkern.data import minilm_path  # noqa: E402
 from fishkern.diff import SparseDiff  # noqa: E402
 
 WORKER = Path(__file__).with_name("_hf_ddp_worker.py")
 ROOT = Path(__file__).resolve().parent.parent
-WORDS = ["good", "great", "awful", "bad", "lovely", "terrible", "nice", "horrible", "fine", "sad", "happy", "ugly"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     d = tmp_path_factory.mktemp("hf_ddp")
-    tok = transformers.AutoTokenizer.from_pretrained(str(minilm_path()))
-    cfg = transformers.BertConfig(
-        vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,
-        max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-    )
-    torch.manual_seed(0)
-    transformers.BertModel(cfg).save_pretrained(d / "model")
-    tok.save_pretrained(d / "model")
+    save_tiny_bert(d / "model")
     texts = [f"a {WORDS[i % 12]} film {i}" for i in range(32)]
     labels = [int(i % 12 % 2 == 0) for i in range(32)]
     (d / "data.json").write_text(json.dumps({"texts": texts, "labels": labels}))
@@ -59,10 +44,10 @@ def _run(inputs: Path, out: Path, launcher: list[str]) -> dict[int, dict]:
 @pytest.fixture(scope="module")
 def runs(inputs, tmp_path_factory):
     base = tmp_path_factory.mktemp("runs")
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port())]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port())]
     accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                  "--main_process_port", str(_free_port())]
+                  "--main_process_port", str(free_port())]
     return {
         "one": (_run(inputs, base / "one", [sys.executable]), base / "one"),
         "torchrun": (_run(inputs, base / "torchrun", torchrun), base / "torchrun"),

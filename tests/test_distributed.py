@@ -7,17 +7,15 @@ closeness. A group is started once per module (fixtures) and shared by several t
 """
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from _multiproc import ROOT, launch
 
 WORKER = Path(__file__).with_name("_dist_worker.py")
-ROOT = Path(__file__).resolve().parent.parent
 
 pytestmark = pytest.mark.skipif(
     not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
@@ -28,49 +26,7 @@ pytestmark = pytest.mark.skipif(
 def _launch(tmp: Path, world: int, scenarios: str, *, wait_for=None, limit: float = 120.0, ok_codes=(0,)):
     """Start ``world`` ranks; wait for the ranks in ``wait_for`` (default all), kill the others
     (they hang on purpose). Returns (results per rank or None, wall seconds per waited rank)."""
-    env = dict(os.environ)
-    env.update(
-        WORLD_SIZE=str(world),
-        FISHKERN_TEST_INIT=f"file://{tmp}/store",
-        OMP_NUM_THREADS="1",
-        MKL_NUM_THREADS="1",
-        PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""),
-    )
-    procs, started = [], time.monotonic()
-    for r in range(world):
-        env_r = dict(env, RANK=str(r), LOCAL_RANK=str(r))
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, str(WORKER), scenarios, str(tmp)],
-                env=env_r,
-                cwd=str(ROOT),
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-        )
-    wait_for = range(world) if wait_for is None else wait_for
-    logs, walls = {}, {}
-    try:
-        for r in wait_for:
-            left = max(1.0, limit - (time.monotonic() - started))
-            try:
-                out, err = procs[r].communicate(timeout=left)
-            except subprocess.TimeoutExpired:
-                pytest.fail(f"rank {r} of {world} ({scenarios}) did not finish within {limit:.0f} s")
-            walls[r] = time.monotonic() - started
-            logs[r] = out + err
-            assert procs[r].returncode in ok_codes, f"rank {r} of {world} ({scenarios}) failed:\n{logs[r][-4000:]}"
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.communicate()
-    results = {}
-    for r in wait_for:
-        f = tmp / f"rank{r}.pt"
-        results[r] = torch.load(f, weights_only=False) if f.exists() else None
-    return results, walls
+    return launch(WORKER, tmp, world, scenarios, wait_for=wait_for, limit=limit, ok_codes=ok_codes)
 
 
 @pytest.fixture(scope="module")

@@ -14,17 +14,13 @@ tmp_path: no ports), bounded by a few-second collective timeout and a wall-clock
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from _multiproc import run_ranks
 
 WORKER = Path(__file__).with_name("_dist_hardening_worker.py")
-ROOT = Path(__file__).resolve().parent.parent
 
 pytestmark = pytest.mark.skipif(
     not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
@@ -62,39 +58,8 @@ class Run:
 
 def _launch(tmp: Path, world: int, scenario: str, limit: float = 45.0) -> Run:
     """Run ``world`` ranks of one scenario (each rank's record is kept even if a rank fails)."""
-    env = dict(os.environ, WORLD_SIZE=str(world), FISHKERN_TEST_INIT=f"file://{tmp}/store")
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    if (ROOT / "fishkern").is_dir():  # a checkout: importable without installing (PYTHONPATH still wins)
-        env["PYTHONPATH"] = os.pathsep.join(x for x in (env.get("PYTHONPATH"), str(ROOT)) if x)
-    procs, started = [], time.monotonic()
-    for r in range(world):
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, str(WORKER), scenario, str(tmp)],
-                env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
-                cwd=str(tmp),
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-        )
-    logs = {}
-    try:
-        for r, p in enumerate(procs):
-            try:
-                logs[r], _ = p.communicate(timeout=max(1.0, limit - (time.monotonic() - started)))
-            except subprocess.TimeoutExpired:
-                pytest.fail(f"rank {r} of {world} ({scenario}) did not finish within {limit:.0f} s")
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.communicate()
-    records = []
-    for r in range(world):
-        f = tmp / f"rank{r}.pt"
-        records.append(torch.load(f, weights_only=False) if f.exists() else None)
-    return Run(scenario, world, {r: p.returncode for r, p in enumerate(procs)}, logs, records)
+    codes, logs, records, _ = run_ranks(WORKER, tmp, world, scenario, limit=limit, cwd=tmp)
+    return Run(scenario, world, codes, logs, [records[r] for r in range(world)])
 
 
 @pytest.fixture(scope="module")
