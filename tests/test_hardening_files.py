@@ -38,10 +38,10 @@ def tiny_model(seed: int = 0) -> nn.Module:
     return nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5), nn.Linear(5, 3))
 
 
-def model_mask(model: nn.Module) -> FishMask:
+def model_mask(model: nn.Module, **provenance) -> FishMask:
     g = torch.Generator().manual_seed(5)
     return FishMask.from_boolean({n: torch.rand(p.shape, generator=g) < 0.4 for n, p in model.named_parameters()},
-                                 forced=["2.bias"], provenance={"method": "random", "seed": 5})
+                                 forced=["2.bias"], provenance={"method": "random", "seed": 5, **provenance})
 
 
 def train_step(model: nn.Module, opt, seed: int) -> None:

@@ -16,6 +16,8 @@ from torch import nn
 
 from fishkern import FishMask, MaskedAdamW, SparseCheckpointer, SparseDiff
 from fishkern.diff import CheckpointChainError, CorruptFileError
+from test_hardening_files import model_mask as files_model_mask
+from test_hardening_files import tiny_model
 
 FLIPS, CUTS = 250, 50
 REFUSALS = (CorruptFileError, CheckpointChainError)
@@ -76,15 +78,8 @@ def fuzz(path: Path, load, seed: int) -> dict[str, int]:
     return counts
 
 
-def tiny_model(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5), nn.Linear(5, 3))
-
-
 def model_mask(model: nn.Module) -> FishMask:
-    g = torch.Generator().manual_seed(5)
-    return FishMask.from_boolean({n: torch.rand(p.shape, generator=g) < 0.4 for n, p in model.named_parameters()},
-                                 forced=["2.bias"], provenance={"method": "random", "seed": 5, "note": "fuzz"})
+    return files_model_mask(model, note="fuzz")
 
 
 @pytest.fixture

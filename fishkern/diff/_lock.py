@@ -45,26 +45,30 @@ def _lock_directory(directory: str) -> int | None:
     if fcntl is None:
         warnings.warn(f"cannot lock {directory} (no fcntl here): a second writing process would not be detected", stacklevel=4)
         return None
-    fd = os.open(directory, os.O_RDONLY)
     try:
-        _flock(fd)
-        return fd
+        return _locked_fd(directory, os.O_RDONLY)
     except BlockingIOError:
-        os.close(fd)
         raise
     except OSError:  # directories cannot be locked here: a lock file instead
-        os.close(fd)
-    fd = os.open(os.path.join(directory, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+        pass
     try:
-        _flock(fd)
-        return fd
+        return _locked_fd(os.path.join(directory, LOCK_FILE), os.O_RDWR | os.O_CREAT)
     except BlockingIOError:
-        os.close(fd)
         raise
     except OSError as e:
-        os.close(fd)
         warnings.warn(f"cannot lock {directory} ({e}): a second writing process would not be detected", stacklevel=4)
         return None
+
+
+def _locked_fd(path: str, flags: int) -> int:
+    """Open ``path`` and take its exclusive lock; the fd is closed again if that fails."""
+    fd = os.open(path, flags, 0o644)
+    try:
+        _flock(fd)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
 
 
 class WriterLock:
