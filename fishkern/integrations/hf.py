@@ -25,24 +25,10 @@ import torch.nn as nn
 from ..diff import SparseDiff
 from ..fisher import fisher_mask
 from ..mask import FishMask
-from ..mask.builders import match_names
+from ..mask.heads import DEFAULT_HEADS, head_names  # noqa: F401 (re-exported)
 from ..optim import MaskedAdamW
 
-DEFAULT_HEADS = ("classifier", "score")
-FISH_MASK_FILE = "fish_mask.safetensors"  # saved in every Trainer checkpoint  # BERT/RoBERTa/DeBERTa…, GPT-style sequence classifiers
-
-
-def head_names(model: nn.Module, head: Sequence[str] | str | None = None) -> list[str]:
-    """Parameter names of the classification head (new at fine-tuning; forced into every mask)."""
-    names = [n for n, _ in model.named_parameters()]
-    patterns = [head] if isinstance(head, str) else list(head or DEFAULT_HEADS)
-    found = match_names(names, patterns)
-    if not found:
-        raise ValueError(
-            f"no parameter of {type(model).__name__} matches the head patterns {patterns}; "
-            "pass head= the name of the classification head module"
-        )
-    return found
+FISH_MASK_FILE = "fish_mask.safetensors"  # saved in every Trainer checkpoint
 
 
 def fish_mask_for(
