@@ -53,9 +53,11 @@ the data, runs a common 2-sample forward+backward warm-up (to page in the code),
 growth of the peak resident set size over the call (VmHWM after, reset before, minus VmRSS before).
 Every figure includes what the method returns (fp32 scores, or the floor's .grad: one model's worth).
 Also reported: the tensor memory still allocated after the call returned and its result was dropped
-(nonzero = a leak). The fishkern version this was written against leaks every batch's activations
-through an uncollectable reference cycle (see reclaim_fishkern_leak); the benchmark frees them after
-each fishkern call, outside the timed region, and reports how much (--no-reclaim to leave them).
+(nonzero = a leak). Leak or allocator retention: in the same fresh process, fishkern and the floor
+are then called --memory-repeats more times; after each call (result dropped, gc.collect()) the
+script records VmRSS, VmRSS after glibc's malloc_trim(0) (which hands freed heap memory back to the
+OS), and the live tensor bytes. A leak grows all three linearly with the calls; memory the allocator
+merely keeps (freed, not returned) shows up in the first figure only, and disappears with the trim.
 
 Usage:
     python benchmarks/bench_fisher.py                 # full run (CUDA workloads if CUDA is available)
@@ -325,40 +327,6 @@ def live_tensor_bytes() -> int:
     return sum(seen.values())
 
 
-def reclaim_fishkern_leak() -> int:
-    """Free what fishkern's estimator leaves behind after it returns; returns the bytes freed.
-
-    In the measured fishkern version every hooked module output keeps a tensor hook whose closure
-    holds the estimator's _Call record, which holds the output again (call.outs): a cycle through
-    the C++ autograd hook that Python's garbage collector cannot see, so every batch's activations,
-    captured inputs and the engine stay alive after estimate_fisher returns. The benchmark breaks
-    these cycles after each fishkern call (outside the timed region), so that repeated calls do not
-    pile up memory; the amount is reported. With a fixed fishkern this finds nothing."""
-    try:
-        from fishkern.fisher import estimator as _est
-    except Exception:  # noqa: BLE001
-        return 0
-    call_cls = getattr(_est, "_Call", None)
-    if call_cls is None:
-        return 0
-    gc.collect()
-    calls = [o for o in gc.get_objects() if isinstance(o, call_cls)]
-    if not calls:
-        return 0
-    before = live_tensor_bytes()
-    for c in calls:
-        for attr, empty in (("outs", []), ("grads", []), ("versions", []), ("args", ()), ("kwargs", {})):
-            try:
-                setattr(c, attr, empty)
-            except Exception:  # noqa: BLE001
-                pass
-    del calls
-    gc.collect()
-    freed = before - live_tensor_bytes()
-    free_memory()
-    return freed
-
-
 def run_loop(wl: Workload, n: int):
     res = estimate_fisher(wl.model, wl.batches, n, implementation="loop", progress=False)
     return res.scores, {"implementation": res.implementation}
@@ -500,7 +468,6 @@ def probe(cpu: bool) -> dict[str, Any]:
 # timing
 
 
-RECLAIM = True  # break fishkern's leaked reference cycles after each call (see reclaim_fishkern_leak)
 QUIET_WAIT_S = 60.0
 QUIET_BUDGET_S = 900.0  # total seconds this run may spend waiting for quiet
 RETRIES = 2
@@ -535,8 +502,6 @@ def one_call(method: str, wl: Workload, n: int, args, chunk: int | None, device:
         inter = interference(snap, cpu_snapshot())
         disturbed = bool(inter and (inter["other_cpu_s"] + inter["steal_s"]) > max(0.05, 0.1 * inter["wall_s"]))
         attempts.append({"seconds": dt, "interference": inter, "disturbed": disturbed})
-        if method.startswith("fishkern") and RECLAIM:
-            attempts[-1]["leak_reclaimed_bytes"] = reclaim_fishkern_leak()
         note = f", other processes {inter['other_cpu_s']:.2f} CPU s, steal {inter['steal_s']:.2f} s" if inter else ""
         log(f"  {tag}: {dt:.3f} s ({n} samples{note})" + ("  ** DISTURBED **" if disturbed else ""))
         if not disturbed:
@@ -574,8 +539,6 @@ def bench_workload(wl: Workload, args, device: torch.device, methods: list[str])
                 synchronize(device)
             except Exception as e:  # noqa: BLE001
                 failure = ("oom" if is_oom(e) else "error", f"{type(e).__name__}: {e}")
-            if m.startswith("fishkern") and RECLAIM:
-                r["warmup_leak_reclaimed_bytes"] = reclaim_fishkern_leak()
             free_memory()  # outside the except block: the traceback no longer holds the tensors
             if failure is None:
                 r["warmup_s"] = time.perf_counter() - t0
@@ -623,8 +586,6 @@ def bench_workload(wl: Workload, args, device: torch.device, methods: list[str])
                         r["error"] = f"OOM (chunk {', '.join(map(str, r['oom'] + [r.get('chunk')]))})"
                 else:
                     r["memory"] = {"error": f"{type(e).__name__}: {e}"}
-            if m.startswith("fishkern") and RECLAIM:
-                r["memory"]["leak_reclaimed_bytes"] = reclaim_fishkern_leak()
             free_memory()
             log(f"  {wl.name} {m}: CUDA peak growth {fmt_bytes((r.get('memory') or {}).get('peak_allocated_growth_bytes'))}")
 
@@ -648,8 +609,6 @@ def bench_workload(wl: Workload, args, device: torch.device, methods: list[str])
             else:
                 failed = False
             if failed:
-                if m.startswith("fishkern") and RECLAIM:
-                    reclaim_fishkern_leak()
                 free_memory()
                 continue
             r["calls"].append(best)
@@ -675,9 +634,6 @@ def bench_workload(wl: Workload, args, device: torch.device, methods: list[str])
         r["min_s"] = min(times)
         r["median_all_s"] = statistics.median(times)
         r["disturbed_calls"] = sum(c["disturbed"] for c in r["calls"])
-        leaks = [a.get("leak_reclaimed_bytes") for att in r["all_attempts"] for a in att if a.get("leak_reclaimed_bytes") is not None]
-        if leaks:
-            r["leak_reclaimed_per_call_bytes"] = statistics.median(leaks)
         r["samples_per_s"] = r["n_measured"] / r["median_s"]
         scale = wl.n / r["n_measured"]
         r["extrapolated"] = scale != 1
@@ -695,8 +651,6 @@ def bench_workload(wl: Workload, args, device: torch.device, methods: list[str])
                 s, _ = run_fishkern(wl, nm, args.fishkern_impl)
                 ref_by_n[nm] = {k: v.detach().to("cpu", copy=True) if not cpu else v for k, v in s.items()}
                 del s
-                if RECLAIM:
-                    reclaim_fishkern_leak()
             out["checks"][m] = rel_error(kept_scores[m], ref_by_n[nm])
             out["checks"][m]["n"] = nm
             log(f"  {wl.name} {m} vs fishkern ({nm} samples): max rel. error {out['checks'][m]['max_rel_error']:.2e} "
@@ -768,7 +722,7 @@ def memory_child(spec: dict[str, Any]) -> dict[str, Any]:
     scores = None
     gc.collect()
     retained = live_tensor_bytes() - live_before  # tensors still alive after the call, its result dropped
-    return {
+    out = {
         "workload": wl.name, "method": method, "n": n, "error": err,
         "rss_start_kib": rss_start, "rss_before_kib": rss_build, "peak_rss_build_kib": hwm_build,
         "peak_rss_reset_ok": ok, "peak_rss_call_kib": hwm if ok else None, "rss_after_kib": rss_after,
@@ -776,6 +730,53 @@ def memory_child(spec: dict[str, Any]) -> dict[str, Any]:
         "scores_bytes": scores_bytes, "cold_call_s": wall, "info": info,
         "retained_after_return_bytes": retained,
     }
+    if err is None and spec.get("repeats", 0) > 0 and method in REPEAT_METHODS:
+        out["repeats"] = repeated_calls(method, wl, n, args, spec.get("chunk"), spec["repeats"], rss_build, live_before)
+    return out
+
+
+REPEAT_METHODS = ("fishkern", "fishkern-nocheck", "floor")  # the loop and vmap are too slow to repeat
+
+
+def _malloc_trim() -> bool:
+    """glibc's malloc_trim(0): return the heap's free memory to the OS (False where there is no glibc)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        return True
+    except (OSError, AttributeError):
+        return False
+
+
+def repeated_calls(method: str, wl: Workload, n: int, args, chunk, repeats: int, rss_build_kib: int,
+                   live_before: int) -> dict[str, Any]:
+    """The call again `repeats` times; after the first one (already made) and after each repeat, with
+    the result dropped and gc.collect() run: VmRSS, VmRSS after malloc_trim(0), live tensor bytes,
+    each minus its value before the first call. Linear growth in all three: a leak; growth in the
+    first only: memory the allocator keeps for reuse."""
+    rows = []
+
+    def record(i: int) -> None:
+        gc.collect()
+        rss = proc_status_kib("VmRSS")
+        trimmed = _malloc_trim()
+        rss_trim = proc_status_kib("VmRSS") if trimmed else None
+        rows.append({"call": i, "rss_growth_bytes": (rss - rss_build_kib) * 1024,
+                     "rss_growth_after_trim_bytes": None if rss_trim is None else (rss_trim - rss_build_kib) * 1024,
+                     "live_tensor_growth_bytes": live_tensor_bytes() - live_before})
+
+    record(1)
+    for i in range(2, repeats + 2):
+        method_call(method, wl, n, args, chunk)
+        record(i)
+    trim = [r["rss_growth_after_trim_bytes"] for r in rows]
+    out: dict[str, Any] = {"calls": rows}
+    if len(rows) > 1 and None not in trim:
+        # from the second call on: what each further call adds (the first one also pages in code)
+        out["per_call_growth_after_trim_bytes"] = (trim[-1] - trim[0]) / (len(rows) - 1)
+    out["per_call_live_tensor_growth_bytes"] = (rows[-1]["live_tensor_growth_bytes"] - rows[0]["live_tensor_growth_bytes"]) / max(1, len(rows) - 1)
+    return out
 
 
 def run_memory_cpu(args, workloads: list[str], methods: list[str]) -> list[dict[str, Any]]:
@@ -783,7 +784,8 @@ def run_memory_cpu(args, workloads: list[str], methods: list[str]) -> list[dict[
     child_args = {k: getattr(args, k) for k in ("fishkern_impl", "vmap_attn", "vmap_chunk", "loop_samples", "vmap_samples")}
     for name in workloads:
         for m in methods:
-            spec = {"workload": name, "method": m, "n": args.n, "quick": args.quick, "args": child_args}
+            spec = {"workload": name, "method": m, "n": args.n, "quick": args.quick, "args": child_args,
+                    "repeats": args.memory_repeats}
             cmd = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)]
             t0 = time.perf_counter()
             proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -817,8 +819,6 @@ def profile_fishkern(wl: Workload, args, device: torch.device) -> dict[str, str]
         run_fishkern(wl, wl.n, args.fishkern_impl)
         synchronize(device)
     wall = time.perf_counter() - t0
-    if RECLAIM:
-        reclaim_fishkern_leak()
     inter = interference(snap, cpu_snapshot())
     out["torch_profiler_interference"] = inter
     sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
@@ -840,8 +840,6 @@ def profile_fishkern(wl: Workload, args, device: torch.device) -> dict[str, str]
     synchronize(device)
     pr.disable()
     wall = time.perf_counter() - t0
-    if RECLAIM:
-        reclaim_fishkern_leak()
     inter = interference(snap, cpu_snapshot())
     busy = f"; other processes used {inter['other_cpu_s']:.2f} CPU s meanwhile" if inter else ""
     stats = pstats.Stats(pr).strip_dirs().stats
@@ -968,8 +966,6 @@ def render(report: dict[str, Any]) -> str:
                 mr = mem_rows.get(m)
                 mem_s = "not measured" if mr is None else (mr.get("error") or fmt_bytes(mr.get("peak_growth_bytes")))
                 ret_s = "not measured" if mr is None or mr.get("retained_after_return_bytes") is None else fmt_bytes(mr["retained_after_return_bytes"])
-            if r.get("leak_reclaimed_per_call_bytes"):
-                note.append(f"leaks {fmt_bytes(r['leak_reclaimed_per_call_bytes'])} per call (freed by the benchmark after each call, untimed)")
             chk = w["checks"].get(m)
             chk_s = "—" if m not in ("loop", "vmap") else ("n/a" if chk is None else f"{chk['max_rel_error']:.1e}")
             vs = (r["time_for_n_s"] / fk["time_for_n_s"]) if fk.get("time_for_n_s") and r.get("time_for_n_s") else None
@@ -986,6 +982,24 @@ def render(report: dict[str, Any]) -> str:
             ])
         lines += [md_table([f"method (N={w['n']})", "time (median)", "min", "samples/s", "time / fishkern", "peak memory growth",
                             "still allocated after return", "max rel. err vs fishkern", "notes"], rows), ""]
+        rrows = []
+        for m, mr in mem_rows.items():
+            rp = mr.get("repeats")
+            if not rp:
+                continue
+            per = rp.get("per_call_growth_after_trim_bytes")
+            rrows.append([METHOD_LABEL.get(m, m),
+                          ", ".join(fmt_bytes(c["rss_growth_bytes"]) for c in rp["calls"]),
+                          ", ".join(fmt_bytes(c["rss_growth_after_trim_bytes"]) for c in rp["calls"]),
+                          ", ".join(fmt_bytes(c["live_tensor_growth_bytes"]) for c in rp["calls"]),
+                          fmt_bytes(per), fmt_bytes(rp.get("per_call_live_tensor_growth_bytes"))])
+        if rrows:
+            lines += ["Repeated calls in the memory process (leak or retention): after calls 1, 2, … (result dropped, "
+                      "`gc.collect()`), growth over before the first call of the RSS, of the RSS after glibc's "
+                      "`malloc_trim(0)`, and of the live tensor bytes. A leak grows every column with each call; "
+                      "freed memory the allocator keeps shows in the first column only.", "",
+                      md_table(["method", "RSS", "RSS after malloc_trim(0)", "live tensors",
+                                "per further call (trimmed RSS)", "per further call (tensors)"], rrows), ""]
         rt = w.get("ratios", {})
         parts = []
         for key in ("loop/fishkern", "vmap/fishkern", "fishkern/floor", "loop/fishkern-nocheck", "fishkern/fishkern-nocheck"):
@@ -1065,8 +1079,9 @@ def parse_args(argv=None):
     ap.add_argument("--vmap-attn", default="eager", help="attention implementation of HF models under vmap (eager or sdpa)")
     ap.add_argument("--fishkern-impl", default="auto", choices=("auto", "torch", "triton"), help="estimate_fisher implementation")
     ap.add_argument("--skip-memory", action="store_true", help="skip the memory measurement")
-    ap.add_argument("--no-reclaim", dest="reclaim", action="store_false",
-                    help="do not free what fishkern leaves alive after each call (see reclaim_fishkern_leak)")
+    ap.add_argument("--memory-repeats", type=int, default=4,
+                    help="in the CPU memory processes, call fishkern and the floor this many more times and record the RSS "
+                         "and live tensors after each call (leak vs allocator retention; 0: skip)")
     ap.add_argument("--no-profile", dest="profile", action="store_false", help="skip the profile of one fishkern call")
     ap.add_argument("--quick", action="store_true", help="MiniLM N=64 (synthetic row N=16), fewer calls, no memory subprocesses")
     ap.add_argument("--retries", type=int, default=None, help="re-run a call disturbed by other processes up to this many times "
@@ -1094,6 +1109,8 @@ def parse_args(argv=None):
         args.retries = 0 if args.quick else 2
     if args.quick and not cuda:
         args.skip_memory = True
+    if args.memory_repeats < 0:
+        ap.error("--memory-repeats must be >= 0")
     for k in ("n", "reps", "slow_reps", "loop_samples", "vmap_samples", "vmap_chunk"):
         v = getattr(args, k)
         if v is not None and v < 1:
@@ -1106,9 +1123,8 @@ def main(argv=None) -> int:
     if args.child is not None:
         print("CHILD_RESULT " + json.dumps(memory_child(json.loads(args.child))), flush=True)
         return 0
-    global QUIET_WAIT_S, QUIET_BUDGET_S, RETRIES, RECLAIM
+    global QUIET_WAIT_S, QUIET_BUDGET_S, RETRIES
     QUIET_WAIT_S, QUIET_BUDGET_S, RETRIES = max(0.0, args.quiet_wait), max(0.0, args.quiet_budget), max(0, args.retries)
-    RECLAIM = args.reclaim
     if "fishkern-nocheck" in args.methods and not has_self_check():
         args.methods = [m for m in args.methods if m != "fishkern-nocheck"]
     device = torch.device(args.device)
@@ -1133,7 +1149,7 @@ def main(argv=None) -> int:
                           else "time.perf_counter around each call"),
         "settings": {k: getattr(args, k) for k in ("quick", "workloads", "methods", "n", "reps", "slow_reps", "loop_samples",
                                                    "vmap_samples", "vmap_chunk", "vmap_oom_retries", "vmap_attn", "fishkern_impl",
-                                                   "skip_memory", "retries", "quiet_wait", "quiet_budget", "reclaim")},
+                                                   "skip_memory", "memory_repeats", "retries", "quiet_wait", "quiet_budget")},
         "workloads": [],
     }
     log(f"device: {env['device_description']}; command: {command}")

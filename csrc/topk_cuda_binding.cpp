@@ -4,8 +4,10 @@
 // depend on the data), then writes each tensor's sorted indices straight into its own output.
 // Compiled only when torch has CUDA.
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
+// the c10 stream header, not ATen/cuda/CUDAContext.h: that one pulls in cuBLAS/cuSPARSE headers, which a
+// minimal CUDA toolkit (nvcc and the runtime only, as in many containers) does not have
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <cuda_runtime_api.h>
@@ -50,7 +52,7 @@ std::vector<at::Tensor> topk_select_cuda(at::TensorList scores, int64_t k) {
                 "; scores must be float32");
   }
   c10::cuda::CUDAGuard guard(device);
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream().stream();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
 
   std::vector<at::Tensor> inputs;  // contiguous views (copies only for non-contiguous scores)
   inputs.reserve(n);

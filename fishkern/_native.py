@@ -1,19 +1,39 @@
 """Loads the native extension ``fishkern._C`` (csrc/) on first use, never at import time.
 
-The package works without it; calling a native op then raises ``NativeExtensionMissing`` with
-the command that builds it.
+Where the library comes from, in order:
+1. the one built at install (``pip install --no-build-isolation ...``), next to this file — used
+   only when it was built against the running torch (its ``_C.build.json`` says which; a library
+   for another torch can crash rather than fail to load, so it is not even tried);
+2. otherwise a just-in-time build of the shipped sources against the running torch, cached per
+   torch / CUDA / Python / sources in ``$FISHKERN_CACHE_DIR`` (default ``~/.cache/fishkern``), with a
+   message that says what is happening, and a file lock so that two processes never build at once
+   (the second waits and loads the first one's library);
+3. nothing, when ``FISHKERN_NO_NATIVE=1``, when ``FISHKERN_NO_JIT=1`` forbids the build, or when the
+   build fails (no compiler): the optimizers then use plain PyTorch indexing and ``global_topk`` its
+   exact pure-PyTorch selection, each saying so once.
+
+``native_info()`` tells which of these happened, for ``fishkern env`` and bug reports.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import glob
 import os
+import shutil
+import sys
+import time
+import warnings
 
 import torch
 
+from . import _build_config as cfg
+from ._version import __version__
+
+HERE = os.path.dirname(os.path.abspath(__file__))
 BUILD_HINT = (
-    "build it with `pip install --no-build-isolation -e .` from the fishkern source tree (needs a C++ "
-    "compiler and ninja; set FISHKERN_NO_NATIVE=0 or leave it unset)"
+    "build it with `pip install --no-build-isolation -e .` from the fishkern source tree, or let fishkern "
+    "build it on first use (needs a C++ compiler and ninja; unset FISHKERN_NO_NATIVE and FISHKERN_NO_JIT)"
 )
 
 
@@ -21,28 +41,190 @@ class NativeExtensionMissing(RuntimeError):
     """The compiled extension fishkern._C is not available in this installation."""
 
 
+class NativeInfo:
+    """What was loaded (path, how) or why nothing was (reason)."""
+
+    def __init__(self, path: str | None, how: str, reason: str = "", build: dict | None = None):
+        self.path, self.how, self.reason, self.build = path, how, reason, build or {}
+
+    @property
+    def available(self) -> bool:
+        return self.path is not None
+
+    def as_dict(self) -> dict:
+        return {"available": self.available, "path": self.path, "how": self.how, "reason": self.reason,
+                "build": self.build}
+
+
+def _say(msg: str) -> None:
+    print(f"fishkern: {msg}", file=sys.stderr, flush=True)
+
+
+def _disabled(name: str) -> bool:
+    return cfg.env_flag(os.environ, name)
+
+
+def csrc_dir() -> str | None:
+    """The native sources: fishkern/_csrc in an installed package, csrc/ beside it in a checkout."""
+    for d in (os.path.join(HERE, "_csrc"), os.path.join(os.path.dirname(HERE), "csrc")):
+        if all(os.path.exists(os.path.join(d, s)) for s in cfg.CPU_SOURCES):
+            return d
+    return None
+
+
+def _prebuilt() -> tuple[str | None, str]:
+    """(path of an install-time library usable with this torch, why not when None)."""
+    libs = sorted(glob.glob(os.path.join(HERE, "_C*.so")) + glob.glob(os.path.join(HERE, "_C*.pyd")))
+    if not libs:
+        return None, "no library was built at install"
+    info = cfg.read_build_info(os.path.join(HERE, cfg.BUILD_INFO_FILE))
+    if info is None:
+        return libs[0], ""  # built before build info existed: try it, a failure to load falls through
+    if info.get("torch") != torch.__version__:
+        return None, f"the library at {libs[0]} was built against torch {info.get('torch')}, this is torch {torch.__version__}"
+    return libs[0], ""
+
+
+def cache_root() -> str:
+    root = os.environ.get("FISHKERN_CACHE_DIR")
+    if not root:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        root = os.path.join(base, "fishkern")
+    return root
+
+
+def _cuda_facts() -> tuple[str | None, tuple[int, int] | None, int]:
+    cuda_home = None
+    if torch.version.cuda is not None and not _disabled("FISHKERN_NO_CUDA"):
+        cuda_home = cfg.resolve_cuda_home(os.environ, shutil.which("nvcc"))
+    nvcc, _ = cfg.nvcc_version(cuda_home)
+    # device_count() only asks the driver; it does not initialise a CUDA context
+    visible = torch.cuda.device_count() if torch.version.cuda is not None else 0
+    return cuda_home, nvcc, visible
+
+
+def jit_build_dir(plan: cfg.BuildPlan, digest: str) -> str:
+    py = f"py{sys.version_info[0]}{sys.version_info[1]}"
+    cuda = f"cu{torch.version.cuda}" if plan.with_cuda else "cpu"
+    tag = f"fishkern-{__version__}-torch-{torch.__version__}-{py}-{cuda}-{digest}".replace("+", "_")
+    return os.path.join(cache_root(), "native", tag)
+
+
+@contextlib.contextmanager
+def _build_lock(directory: str):
+    """An exclusive lock on `directory` held while building; freed by the OS if the process dies."""
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, ".fishkern-build.lock")
+    f = open(path, "a+")
+    try:
+        try:
+            import fcntl
+        except ImportError:  # Windows: cpp_extension's own baton is the only guard
+            yield
+            return
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            _say(f"another process is building the native extension in {directory}; waiting for it")
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            # cpp_extension's own 'lock' file is left behind by a killed build and then blocks forever;
+            # holding our lock, nobody else is building here
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(directory, "lock"))
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+    finally:
+        f.close()
+
+
+def _jit_build() -> NativeInfo:
+    src = csrc_dir()
+    if src is None:
+        return NativeInfo(None, "none", "the native sources (csrc/) are not in this installation")
+    cuda_home, nvcc, visible = _cuda_facts()
+    plan = cfg.plan_build(os.environ, torch.version.cuda, cuda_home, nvcc, visible)
+    digest = cfg.sources_digest(src)
+    directory = jit_build_dir(plan, digest)
+    lib = os.path.join(directory, "fishkern_C.so")
+    info_path = os.path.join(directory, cfg.BUILD_INFO_FILE)
+    with _build_lock(directory):
+        info = cfg.read_build_info(info_path)
+        if not (os.path.exists(lib) and info is not None):
+            expect = "a few minutes" if plan.with_cuda else "about a minute"
+            _say(f"compiling the native extension ({plan.kind}) for torch {torch.__version__} — first use only, "
+                 f"{expect}; cached in {directory}")
+            for note in plan.notes:
+                _say(note)
+            from torch.utils import cpp_extension
+
+            if cuda_home:
+                cpp_extension.CUDA_HOME = cuda_home
+            old_arch = os.environ.get("TORCH_CUDA_ARCH_LIST")
+            if plan.arch_list:
+                os.environ["TORCH_CUDA_ARCH_LIST"] = plan.arch_list
+            t0 = time.perf_counter()
+            try:
+                cpp_extension.load(
+                    name="fishkern_C", sources=[os.path.join(src, s) for s in plan.sources],
+                    extra_cflags=plan.cxx, extra_cuda_cflags=plan.nvcc if plan.with_cuda else None,
+                    extra_ldflags=plan.ldflags, build_directory=directory, with_cuda=plan.with_cuda,
+                    is_python_module=False, verbose=_disabled("FISHKERN_VERBOSE_BUILD"),
+                )
+            except Exception as e:  # noqa: BLE001 - a compiler error, a missing ninja: report, fall back
+                return NativeInfo(None, "none", f"the first-use build failed: {type(e).__name__}: {str(e)[-1500:]}")
+            finally:
+                if plan.arch_list:
+                    if old_arch is None:
+                        os.environ.pop("TORCH_CUDA_ARCH_LIST", None)
+                    else:
+                        os.environ["TORCH_CUDA_ARCH_LIST"] = old_arch
+            info = cfg.build_info(plan, torch.__version__, torch.version.cuda, "first use", digest)
+            cfg.write_build_info(info_path, info)
+            _say(f"native extension built in {time.perf_counter() - t0:.0f} s")
+            return NativeInfo(lib, "first-use build", build=info)
+    torch.ops.load_library(lib)
+    return NativeInfo(lib, "first-use build (cached)", build=info)
+
+
 @functools.cache
-def _load() -> str | None:
-    """Path of the loaded library, or None when there is none (the error is kept for the message)."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    candidates = sorted(glob.glob(os.path.join(here, "_C*.so")) + glob.glob(os.path.join(here, "_C*.pyd")))
-    if not candidates:
-        return None
-    torch.ops.load_library(candidates[0])
-    return candidates[0]
+def native_info() -> NativeInfo:
+    """Load the extension once per process (see the module docstring) and say how."""
+    if _disabled("FISHKERN_NO_NATIVE"):
+        return NativeInfo(None, "none", "FISHKERN_NO_NATIVE is set")
+    path, why = _prebuilt()
+    if path is not None:
+        try:
+            torch.ops.load_library(path)
+            return NativeInfo(path, "built at install", build=cfg.read_build_info(os.path.join(HERE, cfg.BUILD_INFO_FILE)))
+        except OSError as e:  # e.g. built against another torch before build info existed
+            why = f"the library at {path} failed to load ({e})"
+    if _disabled("FISHKERN_NO_JIT"):
+        return NativeInfo(None, "none", f"{why}; FISHKERN_NO_JIT forbids building it on first use")
+    result = _jit_build()
+    if not result.available:
+        result.reason = f"{why}; {result.reason}"
+    return result
 
 
 def native_available() -> bool:
-    try:
-        return _load() is not None
-    except OSError:
-        return False
+    return native_info().available
+
+
+_WARNED: set[str] = set()
+
+
+def warn_fallback(op: str, detail: str) -> None:
+    """Say once per op that a plain-PyTorch path replaces the native one, and why."""
+    if op in _WARNED:
+        return
+    _WARNED.add(op)
+    warnings.warn(f"fishkern: {op} runs its plain-PyTorch path (exact, slower): {detail}", RuntimeWarning, stacklevel=3)
 
 
 def require_native(op: str) -> None:
-    try:
-        path = _load()
-    except OSError as e:  # a library that exists but cannot load (e.g. built against another torch)
-        raise NativeExtensionMissing(f"fishkern's native extension failed to load for {op}: {e}; re{BUILD_HINT}") from e
-    if path is None:
-        raise NativeExtensionMissing(f"{op} needs fishkern's native extension, which is not built; {BUILD_HINT}")
+    info = native_info()
+    if not info.available:
+        raise NativeExtensionMissing(f"{op} needs fishkern's native extension, which is not available: {info.reason}; "
+                                     f"{BUILD_HINT}")

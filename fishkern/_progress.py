@@ -87,24 +87,25 @@ def progress_bar(total: int | None = None, desc: str = "", unit: str = "it", ena
 
 
 def silence_library_progress() -> None:
-    """Turn off the progress bars of transformers and datasets, where they are installed."""
+    """Turn off the progress bars of transformers, datasets and huggingface_hub (``--no-progress``).
+
+    Imports none of them (``fishkern cifar --no-progress`` must not pay for transformers): the
+    environment switches cover libraries imported later (and child processes); libraries already
+    imported are switched off directly. Call it again after importing transformers when its version
+    may predate reading ``HF_HUB_DISABLE_PROGRESS_BARS`` at import.
+    """
     os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
-    os.environ["TRANSFORMERS_NO_ADVISORY_WARNINGS"] = "1"
-    try:
-        import datasets
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # recent transformers start from the hub's switch
+    import importlib
 
-        datasets.disable_progress_bars()
-    except Exception:  # noqa: BLE001 - not installed, or an old version without the switch
-        pass
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-    except Exception:  # noqa: BLE001
-        pass
-    try:
-        from huggingface_hub.utils import disable_progress_bars
-
-        disable_progress_bars()
-    except Exception:  # noqa: BLE001
-        pass
+    switches = (  # (imported package, module with the switch, the switch)
+        ("datasets", "datasets", "disable_progress_bars"),
+        ("transformers", "transformers.utils.logging", "disable_progress_bar"),
+        ("huggingface_hub", "huggingface_hub.utils", "disable_progress_bars"),
+    )
+    for package, module, switch in switches:
+        if package in sys.modules:
+            try:
+                getattr(importlib.import_module(module), switch)()
+            except Exception:  # noqa: BLE001 - an old version without the switch: its bars stay
+                pass

@@ -1,8 +1,13 @@
 """The `fishkern` command: `fishkern demo`, `fishkern glue TASK`, `fishkern cifar`.
 
-Exit codes: 0 success; 2 bad command line (unknown option, bad value); 3 a file or directory is
-missing or would be overwritten, or a model cannot be found or read; 4 the input data or model is invalid; 5 a required package is not
-installed (the message names the extra to install); 1 anything else (a bug: please report it).
+Exit codes: 0 success; 2 bad command line (unknown option, bad value, a --device this machine does
+not have); 3 a file or directory is missing or would be overwritten, or a model cannot be found or
+read; 4 the input data or model is invalid; 5 a required package is not installed (the message
+names the extra to install); 1 anything else (a bug: its traceback is shown, please report it).
+Every error but a bug is one line, ``fishkern COMMAND: error: ...``.
+
+Building the parser imports neither torch nor transformers (the runners' defaults come from light
+modules), so ``--help`` and argument errors are instant; the runners import them when they run.
 """
 from __future__ import annotations
 
@@ -52,6 +57,12 @@ def _non_negative_float(text: str) -> float:
     return v
 
 
+def add_out_dir(p: argparse.ArgumentParser, default: str) -> None:
+    """``--out-dir``, also spelled ``--output-dir`` and ``--output_dir`` (Hugging Face's name)."""
+    p.add_argument("--out-dir", "--output-dir", "--output_dir", dest="out_dir", default=default, metavar="DIR",
+                   help="output directory (default: %(default)s)")
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace results already in the output directory")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -81,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
         "BitFit, and FISH vs random across densities. Writes report.md, results.json, accuracy_vs_density.png "
         "and the FISH task file to --out-dir. Needs: pip install 'fishkern[demo]'.",
     )
-    demo.add_argument("--out-dir", default=d.out_dir, help=f"output directory (default: {d.out_dir})")
+    add_out_dir(demo, d.out_dir)
     demo.add_argument("--seeds", type=int, nargs="+", default=list(d.seeds), help="training seeds; results are averaged (default: %(default)s)")
     demo.add_argument("--density", type=_fraction, default=d.density, help="density of the main comparison (default: %(default)s = 0.5%%)")
     demo.add_argument("--sweep", type=_fraction, nargs="+", default=list(d.sweep), help="densities of the FISH vs random sweep (default: %(default)s)")
@@ -94,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quick", action="store_true", help="a tiny smoke run (96 training words, one seed, one epoch): checks the set-up, not the method")
     _add_common(demo)
 
-    from .runners.glue import PAPER_MODEL
+    from .runners import PAPER_MODEL
 
     glue = sub.add_parser(
         "glue",
@@ -109,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     glue.add_argument("--model", default=PAPER_MODEL, help="hub model name or local directory (default: %(default)s)")
     glue.add_argument("--data-dir", default=None, help="local GLUE data: a saved DatasetDict or a directory of "
                       "train/validation CSV, TSV, JSON or JSONL files (default: download nyu-mll/glue)")
-    glue.add_argument("--out-dir", default="fishkern-glue", help="output directory (default: %(default)s)")
+    add_out_dir(glue, "fishkern-glue")
     glue.add_argument("--methods", nargs="+", default=["fish"], choices=["dense", "fish", "random", "bitfit"], help="methods to run (default: fish)")
     glue.add_argument("--density", type=_fraction, nargs="+", default=[0.005], help="mask densities as fractions (default: 0.005)")
     glue.add_argument("--num-samples", type=_positive_int, nargs="+", default=[1024], help="Fisher samples N (default: 1024)")
@@ -120,7 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     glue.add_argument("--weight-decay", type=_non_negative_float, default=0.0, help="AdamW weight decay on the trained entries (default: 0, as the paper)")
     glue.add_argument("--fisher-kind", choices=["empirical", "true"], default="empirical", help="default: %(default)s")
     glue.add_argument("--seed", type=int, default=0, help="default: %(default)s")
-    glue.add_argument("--device", default=None, help="cpu, cuda, cuda:1… (default: cuda when available)")
+    glue.add_argument("--device", default=None, help="cpu, cuda, cuda:1… (default: cuda when available); "
+                      "one this machine lacks is refused at once")
     glue.add_argument("--max-train-samples", type=_positive_int, default=None, help="use only the first N training examples")
     glue.add_argument("--max-eval-samples", type=_positive_int, default=None, help="use only the first N validation examples")
     _add_common(glue)
@@ -142,7 +154,9 @@ def _run(args) -> int:
             lr_sparse=args.lr_sparse, threads=args.threads, quick=args.quick, overwrite=args.overwrite,
             progress=progress,
         ))
-        print(open(f"{args.out_dir}/report.md").read())
+        from pathlib import Path
+
+        print((Path(args.out_dir) / "report.md").read_text(encoding="utf-8"))
         print(f"wrote {args.out_dir}/report.md, results.json, accuracy_vs_density.png, fish_task.safetensors "
               f"({report['seconds']:.0f} s)")
         return EXIT_OK
@@ -171,24 +185,40 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE
+    from .runners import DeviceUnavailable, check_device
+
+    def error(message: str, code: int) -> int:
+        print(f"fishkern {args.command}: error: {message}", file=sys.stderr)
+        return code
+
     try:
+        from ._progress import silence_library_progress, stderr_is_terminal
+
+        if args.no_progress or not stderr_is_terminal():
+            # the bars of transformers, datasets and the hub too; in a log (no terminal) they would
+            # be carriage-return redraws, where fishkern's own bars print plain lines
+            silence_library_progress()
+        check_device(getattr(args, "device", None))  # before any data, model or process
         return _run(args)
+    except DeviceUnavailable as e:
+        return error(str(e), EXIT_USAGE)
     except (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError) as e:
-        print(f"fishkern {args.command}: error: {e}", file=sys.stderr)
-        return EXIT_FILES
+        return error(str(e), EXIT_FILES)
     except ModuleNotFoundError as e:
         extra = {"demo": "demo", "glue": "glue", "cifar": "cifar"}.get(args.command, "test")
-        print(f"fishkern {args.command}: error: {e}; install it with: pip install 'fishkern[{extra}]'", file=sys.stderr)
-        return EXIT_DEPENDENCY
+        return error(f"{e}; install it with: pip install 'fishkern[{extra}]'", EXIT_DEPENDENCY)
     except OSError as e:  # e.g. from_pretrained on a missing directory or an unknown hub name offline
-        print(f"fishkern {args.command}: error: {e}", file=sys.stderr)
-        return EXIT_FILES
-    except (ValueError, TypeError, KeyError) as e:
-        print(f"fishkern {args.command}: error: {e}", file=sys.stderr)
-        return EXIT_INPUT
+        return error(str(e), EXIT_FILES)
+    except ValueError as e:  # the library's errors for bad input name the problem
+        return error(str(e), EXIT_INPUT)
     except KeyboardInterrupt:
         print(f"fishkern {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        # anything else (TypeError, KeyError, RuntimeError, ...) is a bug: keep its traceback
+        print(f"fishkern {args.command}: unexpected {type(e).__name__} — a bug; please report it with the traceback "
+              f"below", file=sys.stderr)
+        raise
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ import torch.nn as nn
 from .fisher import estimate_fisher
 from .mask import FishMask
 from .mask.builders import from_scores
+from .mask.heads import head_names
 from .memory import PeakMemory
 from .optim import MaskedAdamW
 
@@ -47,7 +48,9 @@ class FinetuneConfig:
     weight_decay: float = 0.0  # the paper's runs (torch's AdamW defaults to 0.01)
     warmup_ratio: float = 0.0
     max_grad_norm: float | None = 1.0  # clipping over the trained entries only (as a model of just those)
-    head: Sequence[str] = ("classifier",)  # new head: forced into every mask, counted inside k
+    # new head: forced into every mask, counted inside k. None: the rule of fish_mask_for
+    # ("classifier" / "score", an error when neither exists); () forces nothing in
+    head: Sequence[str] | str | None = None
     seed: int = 0
     free_dense_grads: bool = True  # masked methods: gather gradients during backward, free dense .grad
 
@@ -94,16 +97,15 @@ def select_mask(
     *,
     fisher_data: Iterable | None = None,
     num_samples: int = 1024,
-    head: Sequence[str] = ("classifier",),
+    head: Sequence[str] | str | None = None,
     seed: int = 0,
     fisher_kind: str = "empirical",
     progress: bool = True,
 ) -> tuple[FishMask | None, Any]:
-    """The mask of a method (None for dense) and the Fisher result (FISH only)."""
-    head = list(head)
-    names = [n for n, _ in model.named_parameters()]
-    if head and not any(n == h or n.startswith(h + ".") for n in names for h in head):
-        raise ValueError(f"no parameter matches the head {head}; name the new head's modules (e.g. 'classifier')")
+    """The mask of a method (None for dense) and the Fisher result (FISH only). ``head``: the
+    rule of ``fishkern.mask.heads.head_names`` (None: "classifier" / "score"; () forces nothing),
+    the same for every method."""
+    head = head_names(model, head)  # checked for dense too (as before): a wrong head is a wrong config
     if method == "dense":
         return None, None
     if method == "bitfit":
@@ -212,7 +214,7 @@ def finetune(
     (re-iterable batches of dicts; `set_epoch(e)` is called when present) and evaluate after each
     epoch. fisher_data defaults to `train`. A precomputed `mask` skips the mask selection."""
     config.check()
-    from tqdm.auto import tqdm
+    from ._progress import progress_bar
 
     device = next(model.parameters()).device
     torch.manual_seed(config.seed)
@@ -247,8 +249,8 @@ def finetune(
             optimizer = build_optimizer(model, mask, config)
             net = _wrap_data_parallel(model, mask) if world > 1 else model  # after the optimizer: k=0 frozen
             scheduler = linear_schedule(optimizer, steps_per_epoch * config.epochs, config.warmup_ratio)
-            bar = tqdm(total=steps_per_epoch * config.epochs, desc=desc or config.method, unit="step",
-                       disable=not progress, leave=False)
+            bar = progress_bar(total=steps_per_epoch * config.epochs, desc=desc or config.method, unit="step",
+                               enabled=progress)
             try:
                 for epoch in range(config.epochs):
                     if hasattr(train, "set_epoch"):
@@ -319,7 +321,7 @@ def _fish_mask_data_parallel(model, fisher_data, config: FinetuneConfig, progres
 
     from .distributed.fisher import fisher_mask_distributed
 
-    head = list(config.head)
+    head = head_names(model, config.head)
     t0 = time.perf_counter()
     mask = fisher_mask_distributed(model, fisher_data, config.density, config.num_samples,
                                    force=head, kind=config.fisher_kind, seed=config.seed, progress=progress)

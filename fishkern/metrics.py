@@ -42,6 +42,7 @@ __all__ = [
     "f1_score",
     "glue_metrics",
     "main_metric",
+    "majority_class",
     "matthews_corrcoef",
     "pearson",
     "spearman",
@@ -152,6 +153,18 @@ def accuracy(predictions: Any, labels: Any) -> float:
     """Fraction of predictions equal to the labels."""
     p, y = _classes_pair(predictions, labels)
     return float(np.mean(p == y))
+
+
+def majority_class(labels: Any) -> tuple[int, float]:
+    """The most frequent class id of ``labels`` and its share: the accuracy of a classifier that
+    always answers it — the chance level a report should show next to the accuracies (a model
+    that learned nothing scores it). Ties go to the lowest class id."""
+    y = _class_ids(_to_numpy(labels, "labels"), "labels")
+    if y.size == 0:
+        raise ValueError("labels are empty: the majority class needs at least one example")
+    values, counts = np.unique(y, return_counts=True)  # values sorted: argmax picks the lowest on ties
+    i = int(np.argmax(counts))
+    return int(values[i]), float(counts[i] / y.size)
 
 
 def f1_score(predictions: Any, labels: Any) -> float:

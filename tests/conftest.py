@@ -12,10 +12,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from fishkern.ops._triton import triton_installed  # noqa: E402
+from fishkern.ops._triton import triton_status, triton_supported  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
-HAS_TRITON = triton_installed()
+HAS_TRITON = triton_supported()
 
 
 def triton_devices():
@@ -23,4 +23,4 @@ def triton_devices():
     return ["cuda"] if HAS_CUDA else ["cpu"]
 
 
-requires_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+requires_triton = pytest.mark.skipif(not HAS_TRITON, reason=triton_status())

@@ -261,6 +261,8 @@ def test_benchmark_mode_on_cpu(tmp_path):
     assert all(r["step_ms_median"] > 0 and r["optimizer_step_ms_median"] > 0 for r in rep["rows"])
     assert rep["rows"][1]["optimizer_state_bytes"] == 4 * rep["rows"][1]["k"]  # momentum of the k entries
     assert "| fish 10% |" in (out / "benchmark.md").read_text()
+    # the load of the machine is measured around every timed case (Linux /proc)
+    assert all(set(r["machine_load"] or {}) <= {"wall_s", "other_cpu_s", "steal_s", "own_cpu_s", "busy"} for r in rep["rows"])
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -336,3 +338,25 @@ def test_miniature_smoke(tmp_path):
     assert all(0 < r["weights_ratio"] for r in rep["table4"])
     text = (tmp_path / "mini" / "report.md").read_text()
     assert "Figure 3" in text and "Table 4" in text
+    assert "Recipe (the paper's, scaled): 3 epochs," in text and "1 epoch of dense standard training" in text
+    assert "every 1 epoch (2 masks)" in text and "epoch(s)" not in text  # after the warm-up epoch and after epoch 2
+    assert "1 real gloo worker process (1 thread each), on the whole training set" in text
+    assert "machine_load" in rep
+
+
+def test_config_errors_count_epochs_in_words():
+    with pytest.raises(ValueError, match=r"warm-up \(1 epoch\) must be shorter than the 1 epoch of training"):
+        rc.CifarConfig(epochs=1, lr_warmup_epochs=1.0).check()
+    with pytest.raises(ValueError, match=r"dense warm-up \(2 epochs\) leaves no epoch"):
+        rc.CifarConfig(epochs=2, lr_warmup_epochs=1.0, dense_warmup_epochs=2).check()
+
+
+def test_import_of_the_runner_is_light():
+    """`fishkern cifar --help` builds its parser from this module: no torch or numpy at import."""
+    import subprocess
+    import sys
+
+    code = "import sys, fishkern.runners.cifar; print([m for m in ('torch', 'numpy') if m in sys.modules])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

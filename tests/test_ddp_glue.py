@@ -1,5 +1,7 @@
 """`torchrun --nproc-per-node 2 -m fishkern glue ...` (issue 11's recipe) against the same command in
-one process: the same mask, the same metrics and trained entries within rounding, files written once."""
+one process: the same masks, the same metrics and trained entries within rounding, files written once.
+Two densities: the second FISH mask comes from the first run's Fisher scores (one pass per N), on
+one process and split over two ranks alike."""
 from __future__ import annotations
 
 import csv
@@ -40,7 +42,7 @@ def glue_inputs(tmp_path_factory):
 
 def _glue(inputs: Path, out: Path, launcher: list[str]) -> dict:
     argv = ["glue", "sst2", "--model", str(inputs / "model"), "--data-dir", str(inputs / "data"), "--out-dir", str(out),
-            "--methods", "fish", "dense", "--density", "0.02", "--num-samples", "12", "--epochs", "2",
+            "--methods", "fish", "dense", "--density", "0.02", "0.05", "--num-samples", "12", "--epochs", "2",
             "--batch-size", "8", "--lr", "1e-3", "--no-progress"]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     p = subprocess.run(launcher + ["-m", "fishkern"] + argv, env=env, cwd=str(ROOT), capture_output=True, text=True,
@@ -62,25 +64,33 @@ def glue_runs(glue_inputs, tmp_path_factory):
 def test_torchrun_glue_matches_one_process(glue_runs):
     (one, d1), (two, d2) = glue_runs["one"], glue_runs["two"]
     assert one["world_size"] == 1 and two["world_size"] == 2
-    assert [r["run"] for r in one["runs"]] == [r["run"] for r in two["runs"]] == ["fish_d0.02_n12", "dense"]
+    runs = ["fish_d0.02_n12", "fish_d0.05_n12", "dense"]
+    assert [r["run"] for r in one["runs"]] == [r["run"] for r in two["runs"]] == runs
+    assert [r.get("fisher_reused") for r in two["runs"]] == [False, True, None]
     for a, b in zip(one["runs"], two["runs"]):
         assert a["trainable"] == b["trainable"]
         for e1, e2 in zip(a["history"], b["history"]):
             assert abs(e1["train_loss"] - e2["train_loss"]) < 1e-5
             assert e1["accuracy"] == e2["accuracy"]
-    m1 = FishMask.load(d1 / "sst2" / "fish_d0.02_n12" / "mask.safetensors")
-    m2 = FishMask.load(d2 / "sst2" / "fish_d0.02_n12" / "mask.safetensors")
-    assert m1.digest == m2.digest  # the Fisher pass split over 2 ranks scores the same 12 samples (N not a
-    assert m1.provenance["fisher_samples"] == m2.provenance["fisher_samples"] == 12  # multiple of the batch)
-    t1 = SparseDiff.load(d1 / "sst2" / "fish_d0.02_n12" / "task.safetensors")
-    t2 = SparseDiff.load(d2 / "sst2" / "fish_d0.02_n12" / "task.safetensors")
-    for n in t1.values:
-        assert torch.equal(t1.indices[n], t2.indices[n])
-        assert (t1.values[n].float() - t2.values[n].float()).abs().max().item() < 1e-5, n
+    for run in runs[:2]:
+        m1 = FishMask.load(d1 / "sst2" / run / "mask.safetensors")
+        m2 = FishMask.load(d2 / "sst2" / run / "mask.safetensors")
+        assert m1.digest == m2.digest  # the Fisher pass split over 2 ranks scores the same 12 samples (N not a
+        assert m1.provenance["fisher_samples"] == m2.provenance["fisher_samples"] == 12  # multiple of the batch)
+        assert m2.provenance["fisher_world_size"] == 2
+        t1 = SparseDiff.load(d1 / "sst2" / run / "task.safetensors")
+        t2 = SparseDiff.load(d2 / "sst2" / run / "task.safetensors")
+        for n in t1.values:
+            assert torch.equal(t1.indices[n], t2.indices[n])
+            assert (t1.values[n].float() - t2.values[n].float()).abs().max().item() < 1e-5, n
+    small = FishMask.load(d2 / "sst2" / runs[0] / "mask.safetensors")
+    large = FishMask.load(d2 / "sst2" / runs[1] / "mask.safetensors")
+    assert small.k < large.k
 
 
 def test_torchrun_glue_writes_each_file_once(glue_runs):
     _, d2 = glue_runs["two"]
     files = sorted(p.relative_to(d2).as_posix() for p in d2.rglob("*") if p.is_file())
-    assert files == ["sst2/dense/result.json", "sst2/fish_d0.02_n12/mask.safetensors",
-                     "sst2/fish_d0.02_n12/result.json", "sst2/fish_d0.02_n12/task.safetensors", "sst2/results.json"]
+    fish = [f"sst2/{run}/{f}" for run in ("fish_d0.02_n12", "fish_d0.05_n12")
+            for f in ("mask.safetensors", "result.json", "task.safetensors")]
+    assert files == ["sst2/dense/result.json", *fish, "sst2/results.json", "sst2/sweep.png"]

@@ -217,3 +217,55 @@ def test_import_does_not_import_triton():
     out = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+# (3, 5, 9, 100): token strides 100 and 9, not multiples of 16, so rows cannot be read as vectors
+# (the shape whose default launch spilled registers on sm_80 / sm_90; see _launch_config).
+@pytest.mark.parametrize("device", triton_devices())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("sliced", [False, True])
+@pytest.mark.triton
+@requires_triton
+def test_unaligned_rows_match_reference(device, dtype, sliced):
+    b, t, out_f, in_f = 3, 5, 9, 100
+    x, g = _inputs(b, t, out_f + 3, in_f + 3, dtype=dtype, device=device, seed=8)
+    # views starting 3 elements in: base pointers that are not 16-byte aligned
+    x, g = (x[..., 3:], g[..., 3:]) if sliced else (x[..., 3:].contiguous(), g[..., 3:].contiguous())
+    assert lt._launch_config(x, g)["num_warps"] == lt._UNALIGNED_NUM_WARPS
+    lengths = torch.tensor([5, 0, 2], device=device)
+    for lens in (None, lengths):
+        acc = torch.zeros(out_f, in_f, device=device)
+        linear_fisher_triton_(acc, x, g, lens)
+        _check(acc, linear_fisher_reference(x, g, lens), dtype)
+
+
+def test_launch_config_by_row_alignment(monkeypatch):
+    """Rows not 16-aligned (stride or base pointer) launch with more warps and no pipelining; the
+    aligned fast path keeps its config. Checked on what _launch passes to the kernel."""
+    launched = []
+    monkeypatch.setattr(lt, "_kernel", lambda: _FakeKernel(launched))
+    aligned = _inputs(2, 32, 64, 48)
+    odd = _inputs(3, 5, 9, 100)
+    wide = torch.zeros(2, 32, 51)
+    cases = [
+        (aligned, {"num_warps": lt._NUM_WARPS}),
+        (odd, {"num_warps": 8, "num_stages": 1}),
+        ((wide[..., 3:], aligned[1]), {"num_warps": 8, "num_stages": 1}),  # stride 51, pointer +12 B
+        ((aligned[0], torch.zeros(2, 32, 67)[..., 3:]), {"num_warps": 8, "num_stages": 1}),
+    ]
+    for (x, g), expected in cases:
+        launched.clear()
+        lt._launch(torch.zeros(g.shape[2], x.shape[2]), x, g, None, splits=1)
+        assert len(launched) == 1
+        config = {k: v for k, v in launched[0].items() if k in ("num_warps", "num_stages")}
+        assert config == expected, (tuple(x.shape), x.stride(), config)
+
+
+class _FakeKernel:
+    """Stands in for the jitted kernel: records each launch's keyword arguments."""
+
+    def __init__(self, launched):
+        self.launched = launched
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launched.append(kwargs)

@@ -11,7 +11,7 @@ for name in ("is_available", "device_count", "get_device_capability", "get_devic
 import fishkern, fishkern.optim, fishkern.mask, fishkern.topk, fishkern.ops
 assert "triton" not in sys.modules, "triton was imported at import time"
 from fishkern import _native
-assert _native._load.cache_info().currsize == 0, "the native library was loaded at import time"
+assert _native.native_info.cache_info().currsize == 0, "the native library was loaded at import time"
 print("ok")
 """
 
@@ -48,6 +48,51 @@ def test_native_op_without_extension_says_how_to_build(monkeypatch):
     from fishkern import _native
     from fishkern.topk import ops
 
-    monkeypatch.setattr(_native, "_load", lambda: None)
-    with pytest.raises(_native.NativeExtensionMissing, match="pip install --no-build-isolation -e ."):
-        ops.global_topk([torch.rand(4)], 1)
+    monkeypatch.setattr(_native, "native_info", lambda: _native.NativeInfo(None, "none", "not built (a test)"))
+    with pytest.raises(_native.NativeExtensionMissing, match="not built"):
+        ops.global_topk([torch.rand(4)], 1, backend="native")
+
+
+LIGHT = r"""
+import sys
+import fishkern
+heavy = [m for m in ("torch", "transformers", "triton", "datasets", "numpy") if m in sys.modules]
+assert not heavy, f"import fishkern imported {heavy}"
+print("ok")
+"""
+
+
+def test_import_fishkern_imports_no_heavy_library():
+    out = subprocess.run([sys.executable, "-c", LIGHT], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+
+
+def test_submodules_and_names_are_reachable_after_a_plain_import():
+    """`import fishkern` then `fishkern.integrations.fish_mask_for(...)` (issue 17, item 10)."""
+    code = (
+        "import sys, fishkern\n"
+        "assert callable(fishkern.integrations.fish_mask_for)\n"
+        "assert 'transformers' not in sys.modules  # fishkern.integrations stays light too\n"
+        "assert fishkern.distributed.SparseAverager.__name__ == 'SparseAverager'\n"
+        "assert fishkern.FishMask is fishkern.mask.FishMask and fishkern.MaskedAdamW is fishkern.optim.MaskedAdamW\n"
+        "assert fishkern.runners.demo.DemoConfig().out_dir == 'fishkern-demo'\n"
+        "assert {'integrations', 'FishMask', 'metrics'} <= set(dir(fishkern))\n"
+        "ns = {}\n"
+        "exec('from fishkern import *', ns)\n"
+        "assert set(fishkern.__all__) <= set(ns)\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+
+
+def test_unknown_attribute_is_an_attribute_error():
+    import pytest
+
+    import fishkern
+
+    with pytest.raises(AttributeError, match="no attribute 'integration'"):
+        fishkern.integration  # noqa: B018 - a typo of integrations
+    assert not hasattr(fishkern, "__wrapped__")

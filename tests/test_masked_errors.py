@@ -78,8 +78,22 @@ def test_sparse_gradient_is_refused():
 
 
 def test_triton_request_without_a_usable_device(param, monkeypatch):
+    """Refused at construction (it used to be accepted and fail at the first step()), saying where
+    the parameters are, what is missing, and what to use instead."""
+    from fishkern.ops._triton import triton_installed
+
+    if not triton_installed():
+        pytest.skip("triton is not installed: the request is refused for that reason (tested elsewhere)")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
+    for cls in (MaskedAdamW, MaskedSGD):
+        with pytest.raises(RuntimeError, match=r"parameters are on cpu.*Triton kernels need CUDA tensors.*implementation='auto' or 'torch'.*TRITON_INTERPRET=1"):
+            cls([param], [torch.tensor([0])], implementation="triton")
+    # the interpreter makes the CPU request valid; if it is switched off later, step() still refuses
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
     opt = MaskedAdamW([param], [torch.tensor([0])], implementation="triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
     param.grad = torch.ones_like(param)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         opt.step()
+    # float64 groups always take the PyTorch path: nothing to refuse
+    MaskedAdamW([torch.nn.Parameter(torch.randn(3, dtype=torch.float64))], [torch.tensor([0])], implementation="triton")

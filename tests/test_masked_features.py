@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from fishkern import MaskedAdamW, MaskedSGD
+from fishkern.optim import MaskedGrad
 from tests._reference import SelectedModel, random_grads, random_masks, selected, unselected_mask
 from tests.test_masked_equivalence import make_params
 
@@ -144,7 +145,9 @@ def test_free_dense_grads_matches_gather_at_step(opt_cls, cfg):
             # two backward passes before one step: gradients accumulate
             _loss(model, x[:3], y[:3]).backward()
             _loss(model, x[3:], y[3:]).backward()
-        assert all(p.grad is None for p in m2.parameters()), "dense grads must be freed by the hooks"
+        # dense grads are freed by the hooks: .grad holds the k entries only (none for the frozen bias)
+        kinds = [type(p.grad) for p in m2.parameters()]
+        assert kinds == [type(None) if i == 2 else MaskedGrad for i in range(len(kinds))]
         o1.step()
         o2.step()
     for p, q in zip(m1.parameters(), m2.parameters()):
@@ -230,7 +233,14 @@ def test_native_gather_scatter_ops_directly():
         (torch.ops.fishkern.gather_masked.default, (tensors, flat_idx, begins, ends, torch.zeros(6))),
         (torch.ops.fishkern.scatter_masked_.default, ([t.clone() for t in tensors], flat_idx, begins, ends, values)),
     ):
-        torch.library.opcheck(op, args)
+        torch.library.opcheck(op, args, test_utils=_OPCHECK_UTILS)
+
+
+# torch 2.4's functionalization cannot trace an op that mutates a list of tensors (Tensor(a!)[]), a
+# torch limitation fixed in 2.5: there torch.compile graphs cannot hold scatter_masked_ either
+_OPCHECK_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+if tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 5):
+    _OPCHECK_UTILS = _OPCHECK_UTILS[:-1]
 
 
 @pytest.mark.parametrize("free", [False, True])

@@ -183,3 +183,16 @@ def test_no_sklearn_or_scipy_at_runtime():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
+
+
+def test_majority_class_is_the_chance_level():
+    import torch
+
+    assert M.majority_class([0, 1, 1, 1]) == (1, 0.75)
+    assert M.majority_class(torch.tensor([1, 0])) == (0, 0.5)  # ties: the lowest class id
+    assert M.majority_class(np.array([2, 2, 0, 1, 1])) == (1, 0.4)
+    assert M.majority_class([1, 0, 0]) == (0, M.accuracy([0, 0, 0], [1, 0, 0]))  # = always answering it
+    with pytest.raises(ValueError, match="empty"):
+        M.majority_class([])
+    with pytest.raises(ValueError, match="integer class ids"):
+        M.majority_class([0.5, 1.0])

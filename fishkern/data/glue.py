@@ -9,8 +9,19 @@ Local data (``load_glue(task, data_dir)``) is either
 * a ``DatasetDict`` written by ``DatasetDict.save_to_disk`` (a directory with ``dataset_dict.json``), or
 * a directory with one file per split, named ``<split>.<ext>`` with ``ext`` one of ``csv``, ``tsv``,
   ``json``, ``jsonl`` (``dev`` is accepted for ``validation``, ``dev_matched`` / ``dev_mismatched``
-  for MNLI's), with the column names of the Hugging Face GLUE dataset (``GLUE_TASKS[task].columns``:
-  e.g. ``sentence``/``label`` for SST-2, ``premise``/``hypothesis``/``label`` for MNLI).
+  for MNLI's), in one of two layouts, told apart by the header:
+
+  - the column names of the Hugging Face GLUE dataset (``GLUE_TASKS[task].columns``: e.g.
+    ``sentence``/``label`` for SST-2, ``premise``/``hypothesis``/``label`` for MNLI), or
+  - the original GLUE TSVs as the GLUE download gives them (``ORIGINAL_LAYOUTS``): CoLA without a
+    header (source, label, original label, sentence), MRPC's ``Quality``/``#1 String``/``#2 String``,
+    QQP's ``question1``/``question2``/``is_duplicate``, STS-B's ``sentence1``/``sentence2``/``score``,
+    MNLI's ``sentence1``/``sentence2``/``gold_label``; SST-2, QNLI, RTE and WNLI already use the
+    Hugging Face names. They are mapped to the Hugging Face columns and label ids exactly as the
+    Hugging Face ``glue`` loader maps them (MNLI: entailment 0, neutral 1, contradiction 2; QNLI, RTE:
+    entailment 0, not_entailment 1; the other tasks' labels are the files' 0/1, STS-B's score a
+    float), ``idx`` is the row number, and rows with missing fields (a few in QQP's train.tsv) are
+    skipped with a warning, as that loader drops them.
 
 Either may also sit in a sub-directory named after the task (``data_dir/mnli/...``), so one
 ``data_dir`` can hold all tasks.
@@ -27,6 +38,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +48,7 @@ import torch
 
 __all__ = [
     "GLUE_TASKS",
+    "ORIGINAL_LAYOUTS",
     "GlueCollator",
     "GlueTask",
     "collate_glue",
@@ -118,6 +131,57 @@ def glue_task(task: str | GlueTask) -> GlueTask:
     raise ValueError(f"unknown GLUE task {task!r}; expected one of {', '.join(GLUE_TASKS)}")
 
 
+@dataclass(frozen=True)
+class OriginalLayout:
+    """How an original GLUE TSV of a task names its columns (where they differ from Hugging Face's).
+
+    ``columns`` maps each Hugging Face column (the text fields and ``label``) to the file's column;
+    ``header`` is the original file's whole header, for messages; ``has_header`` is False for CoLA,
+    whose train and dev files start with the first example (positions then name the columns).
+    """
+
+    columns: Mapping[str, str]
+    header: tuple[str, ...]
+    has_header: bool = True
+
+
+_COLA_POSITIONS = ("source", "label", "original label", "sentence")
+_STSB_HEADER = ("index", "genre", "filename", "year", "old_index", "source1", "source2", "sentence1", "sentence2", "score")
+_MNLI_HEADER = ("index", "promptID", "pairID", "genre", "sentence1_binary_parse", "sentence2_binary_parse",
+                "sentence1_parse", "sentence2_parse", "sentence1", "sentence2", "label1", "[label2..label5 in dev]", "gold_label")
+ORIGINAL_LAYOUTS: dict[str, OriginalLayout] = {
+    # the same mapping as the Hugging Face glue loader's text_features / label_column per task
+    "cola": OriginalLayout({"sentence": "sentence", "label": "label"}, _COLA_POSITIONS, has_header=False),
+    "mrpc": OriginalLayout({"sentence1": "#1 String", "sentence2": "#2 String", "label": "Quality"},
+                           ("Quality", "#1 ID", "#2 ID", "#1 String", "#2 String")),
+    "qqp": OriginalLayout({"question1": "question1", "question2": "question2", "label": "is_duplicate"},
+                          ("id", "qid1", "qid2", "question1", "question2", "is_duplicate")),
+    "stsb": OriginalLayout({"sentence1": "sentence1", "sentence2": "sentence2", "label": "score"}, _STSB_HEADER),
+    "mnli": OriginalLayout({"premise": "sentence1", "hypothesis": "sentence2", "label": "gold_label"}, _MNLI_HEADER),
+}
+"""The original GLUE TSV layouts that differ from the Hugging Face columns. SST-2 (sentence, label),
+QNLI (index, question, sentence, label), RTE and WNLI (index, sentence1, sentence2, label) already
+use the Hugging Face names; their extra ``index`` column is dropped."""
+
+
+def _is_headerless_cola(first: Sequence[str]) -> bool:
+    """CoLA's train/dev rows: source, 0/1, original label ('' or '*'), sentence — no header line."""
+    return len(first) == len(_COLA_POSITIONS) and first[1].strip() in ("0", "1")
+
+
+def _expected_layouts(spec: GlueTask) -> str:
+    """The accepted column sets, for error messages."""
+    text = f"{', '.join(spec.columns)} (the Hugging Face columns)"
+    orig = ORIGINAL_LAYOUTS.get(spec.name)
+    if orig is not None:
+        needed = ", ".join(orig.columns[c] for c in spec.columns)
+        if orig.has_header:
+            text += f" or {needed} (the original GLUE TSV: {', '.join(orig.header)})"
+        else:
+            text += f" or, without a header line, the original GLUE TSV's {len(orig.header)} columns {', '.join(orig.header)}"
+    return text
+
+
 # --------------------------------------------------------------------------------------------
 # loading
 
@@ -171,7 +235,7 @@ def load_glue(
     expected = ", ".join(f"{s}.{{{','.join(FILE_EXTENSIONS)}}}" for s in wanted)
     raise FileNotFoundError(
         f"no GLUE {spec.name} data in {root} (nor in {root / spec.name}): expected a DatasetDict saved "
-        f"with save_to_disk (dataset_dict.json) or split files {expected} with columns {', '.join(spec.columns)}"
+        f"with save_to_disk (dataset_dict.json) or split files {expected} with columns {_expected_layouts(spec)}"
     )
 
 
@@ -215,28 +279,51 @@ def _load_saved(spec: GlueTask, d: Path, wanted: tuple[str, ...]):
     return datasets.DatasetDict(out)
 
 
-def _read_records(path: Path) -> tuple[list[str], list[Mapping[str, Any]]]:
-    """(column names, rows) of one split file."""
+@dataclass
+class _Records:
+    """One split file as read: its column names and rows (dicts), each row's line in the file (CSV,
+    TSV), the rows with fewer fields than the header (their missing trailing fields are None), and
+    whether the file had no header line (CoLA's original train/dev TSVs)."""
+
+    columns: list[str]
+    rows: list[Mapping[str, Any]]
+    lines: list[int] | None = None
+    short: frozenset[int] = frozenset()
+    headerless: bool = False
+
+    def where(self, path: Path, i: int) -> str:
+        return f"{path}, line {self.lines[i]}" if self.lines else f"{path}, example {i}"
+
+
+def _read_records(path: Path, spec: GlueTask) -> _Records:
+    """The records of one split file."""
     ext = path.suffix[1:].lower()
     if ext in ("csv", "tsv"):
         with path.open(newline="", encoding="utf-8-sig") as f:
             if ext == "csv":
-                reader = csv.DictReader(f)
+                reader = csv.reader(f)
             else:
-                reader = csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-            columns = list(reader.fieldnames or [])
-            rows = []
-            for row in reader:
-                if None in row or any(v is None for v in row.values()):
-                    raise ValueError(
-                        f"{path}, line {reader.line_num}: expected {len(columns)} fields "
-                        f"({', '.join(columns)}), got a different number"
-                        + (" (TSV fields are not quoted: a tab inside a text breaks the row)" if ext == "tsv" else "")
-                    )
-                rows.append(row)
-        if not columns:
+                reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+            lines = [(reader.line_num, fields) for fields in reader if fields]  # blank lines skipped, as DictReader does
+        if not lines:
             raise ValueError(f"{path} is empty: expected a header line with the column names")
-        return columns, rows
+        headerless = spec.name == "cola" and ext == "tsv" and _is_headerless_cola(lines[0][1])
+        if headerless:
+            columns = list(_COLA_POSITIONS)
+        else:
+            columns = lines[0][1]
+            lines = lines[1:]
+        rows, short = [], set()
+        for line_num, fields in lines:
+            if len(fields) > len(columns):
+                raise ValueError(
+                    f"{path}, line {line_num}: expected {len(columns)} fields ({', '.join(columns)}), got {len(fields)}"
+                    + (" (TSV fields are not quoted: a tab inside a text breaks the row)" if ext == "tsv" else "")
+                )
+            if len(fields) < len(columns):
+                short.add(len(rows))
+            rows.append({c: (fields[j] if j < len(fields) else None) for j, c in enumerate(columns)})
+        return _Records(columns, rows, [n for n, _ in lines], frozenset(short), headerless)
     text = path.read_text(encoding="utf-8-sig")
     if ext == "jsonl":
         rows = []
@@ -276,7 +363,7 @@ def _read_records(path: Path) -> tuple[list[str], list[Mapping[str, Any]]]:
         for k in row:
             if k not in columns:
                 columns.append(k)
-    return columns, rows
+    return _Records(columns, rows)
 
 
 def _parse_label(spec: GlueTask, value: Any, where: str, allow_unlabelled: bool) -> int | float:
@@ -337,38 +424,84 @@ def _load_files(spec: GlueTask, d: Path, wanted: tuple[str, ...]):
         if len(files) > 1:
             raise ValueError(f"GLUE {spec.name}: several files for split {split!r} in {d}: {', '.join(f.name for f in files)}; keep one")
         path = files[0]
-        columns, rows = _read_records(path)
-        is_test = split.startswith("test")
-        required = spec.text_fields if is_test else spec.columns
-        missing = [c for c in required if c not in columns]
-        if missing:
-            raise ValueError(
-                f"{path} lacks column(s) {', '.join(missing)}: GLUE {spec.name} needs {', '.join(spec.columns)} "
-                f"(the file has {', '.join(map(str, columns)) or 'no columns'})"
-            )
-        if not rows:
-            raise ValueError(f"{path} has a header but no examples")
-        data: dict[str, list[Any]] = {f: [] for f in spec.text_fields}
-        data["label"] = []
-        data["idx"] = []
-        for i, row in enumerate(rows):
-            where = f"{path}, example {i}"
-            for f in spec.text_fields:
-                v = row.get(f)
-                if v is None:
-                    raise ValueError(f"{where}: column {f!r} is missing or null")
-                data[f].append(v if isinstance(v, str) else str(v))
-            if "label" in row:
-                data["label"].append(_parse_label(spec, row["label"], where, allow_unlabelled=is_test))
-            else:
-                data["label"].append(-1)
-            idx = row.get("idx", i)
-            try:
-                data["idx"].append(int(idx))
-            except (TypeError, ValueError):
-                raise ValueError(f"{where}: idx {idx!r} is not an integer") from None
-        out[split] = datasets.Dataset.from_dict(data, features=features, split=split)
+        out[split] = datasets.Dataset.from_dict(_split_data(spec, path, split), features=features, split=split)
     return datasets.DatasetDict(out)
+
+
+def _choose_layout(spec: GlueTask, rec: _Records, is_test: bool) -> tuple[dict[str, str], bool] | None:
+    """(Hugging Face column -> file column, whether it is an original GLUE layout) for the file's
+    columns, or None when it matches no layout. The Hugging Face names win when both match."""
+    needed = spec.text_fields if is_test else spec.columns
+    orig = ORIGINAL_LAYOUTS.get(spec.name)
+    if rec.headerless and orig is not None:
+        return dict(orig.columns), True
+    if all(c in rec.columns for c in needed):
+        return {c: c for c in spec.columns}, False
+    if orig is not None and orig.has_header and all(orig.columns[c] in rec.columns for c in needed):
+        return dict(orig.columns), True
+    return None
+
+
+def _split_data(spec: GlueTask, path: Path, split: str) -> dict[str, list[Any]]:
+    """The columns (text fields, label, idx) of one split file, in either layout."""
+    rec = _read_records(path, spec)
+    is_test = split.startswith("test")
+    layout = _choose_layout(spec, rec, is_test)
+    if layout is None:
+        required = spec.text_fields if is_test else spec.columns
+        missing = [c for c in required if c not in rec.columns]
+        raise ValueError(
+            f"{path} lacks column(s) {', '.join(missing)}: GLUE {spec.name} needs {_expected_layouts(spec)} "
+            f"(the file has {', '.join(map(str, rec.columns)) or 'no columns'})"
+        )
+    mapping, original = layout
+    label_col = mapping["label"]
+    has_label = label_col in rec.columns
+    if not rec.rows:
+        raise ValueError(f"{path} has a header but no examples")
+    needed = [mapping[f] for f in spec.text_fields] + ([label_col] if has_label else [])
+    data: dict[str, list[Any]] = {f: [] for f in spec.text_fields}
+    data["label"] = []
+    data["idx"] = []
+    skipped: list[int] = []
+    for i, row in enumerate(rec.rows):
+        where = f"{path}, example {i}"
+        if i in rec.short:
+            if not original:
+                raise ValueError(
+                    f"{rec.where(path, i)}: expected {len(rec.columns)} fields ({', '.join(rec.columns)}), "
+                    f"got {sum(v is not None for v in row.values())}"
+                )
+            if any(row[c] is None for c in needed):
+                skipped.append(rec.lines[i])  # the Hugging Face loader drops these rows too
+                continue
+        if original and has_label and not spec.is_regression and not str(row[label_col]).strip():
+            skipped.append(rec.lines[i] if rec.lines else i)  # an empty class label: dropped by that loader as well
+            continue
+        for f in spec.text_fields:
+            v = row.get(mapping[f])
+            if v is None:
+                raise ValueError(f"{where}: column {mapping[f]!r} is missing or null")
+            data[f].append(v if isinstance(v, str) else str(v))
+        if label_col in row:
+            data["label"].append(_parse_label(spec, row[label_col], where, allow_unlabelled=is_test))
+        else:
+            data["label"].append(-1)
+        idx = i if original else row.get("idx", i)  # the original files: the row number, as Hugging Face's idx
+        try:
+            data["idx"].append(int(idx))
+        except (TypeError, ValueError):
+            raise ValueError(f"{where}: idx {idx!r} is not an integer") from None
+    if skipped:
+        shown = ", ".join(map(str, skipped[:5])) + (", ..." if len(skipped) > 5 else "")
+        warnings.warn(
+            f"{path}: skipped {len(skipped)} row(s) with a missing field or an empty label (line(s) {shown}), "
+            "as the Hugging Face GLUE loader does",
+            stacklevel=4,
+        )
+    if not data["idx"]:
+        raise ValueError(f"{path} has no complete examples")
+    return data
 
 
 # --------------------------------------------------------------------------------------------
@@ -390,7 +523,7 @@ def tokenize_glue(dataset_dict, tokenizer: Any, task: str, max_length: int = 128
         raise ValueError(f"max_length must be an integer >= 4, got {max_length!r}")
     single = isinstance(dataset_dict, datasets.Dataset)
     if not single and not isinstance(dataset_dict, datasets.DatasetDict):
-        raise TypeError(f"expected a datasets.DatasetDict or Dataset, got {type(dataset_dict).__name__}")
+        raise ValueError(f"expected a datasets.DatasetDict or Dataset, got {type(dataset_dict).__name__}")
     parts = {"data": dataset_dict} if single else dict(dataset_dict)
     label_type = datasets.Value("float32") if spec.is_regression else datasets.Value("int64")
     fields = spec.text_fields

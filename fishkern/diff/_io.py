@@ -3,7 +3,8 @@
 - Atomic, no-clobber writes: the file is written to a temporary name in the target directory
   (``.<name>.fk-<host>-<pid>-<random>.tmp``, locked with ``flock`` while it is written), flushed with
   ``fsync``, then published under its final name (``os.link``, which fails if the name exists, or
-  ``os.replace`` when overwriting is allowed), and the directory is ``fsync``-ed. A crash at any
+  ``os.replace`` when overwriting is allowed), and the directory is ``fsync``-ed. Its mode is what
+  any new file gets under the umask (0644 under 022), not mkstemp's 0600. A crash at any
   point leaves either the old file or the complete new one under the final name, never a partial
   file. Temporary files that a crash left behind are removed by the next write into the directory
   (``clean_stale_temps``: only names of fishkern's pattern, only when no live writer holds them).
@@ -337,6 +338,31 @@ def _lock_temp(fd: int) -> None:
             pass
 
 
+def current_umask() -> int:
+    """The process's umask, without changing it where the system can say it (Linux's
+    /proc/self/status); elsewhere it can only be read by setting it and setting it back."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _public_mode(path: str) -> None:
+    """mkstemp creates the file 0600 (and safetensors >= 0.7 replaces it by its own private
+    file); a published file gets the mode any tool's new file gets (0666 less the umask: 0644
+    under umask 022, 0600 under 077). Set by path once written, whoever created the inode."""
+    try:
+        os.chmod(path, 0o666 & ~current_umask())
+    except OSError:  # e.g. a filesystem without modes: its own default stays
+        pass
+
+
 def atomic_write(path: str | os.PathLike, write, *, overwrite: bool) -> int:
     """Call ``write(tmp_path)`` on a temporary file next to ``path``, fsync it and publish it as
     ``path`` (see ``publish``). Returns the file's size. On any error the temporary file is removed
@@ -350,6 +376,7 @@ def atomic_write(path: str | os.PathLike, write, *, overwrite: bool) -> int:
     try:
         _lock_temp(fd)
         write(tmp)
+        _public_mode(tmp)
         size = os.path.getsize(tmp)
         _fsync_file(tmp)
         publish(tmp, path, overwrite)

@@ -123,6 +123,33 @@ def named_tensors(x: TensorsLike, what: str = "model") -> dict[str, Tensor]:
     return out
 
 
+def _shares_memory(a: Tensor, b: Tensor) -> bool:
+    if a.numel() == 0 or b.numel() == 0 or a.device != b.device or a.device.type == "meta":
+        return False
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+def _refuse_live_base(B: Mapping[str, Tensor], T: Mapping[str, Tensor], mask: FishMask | None) -> None:
+    """A base that shares memory with the tuned model (``model.state_dict()`` taken before training
+    holds the live parameters, which training changes in place) equals the tuned model where it
+    matters: the diff would record no change, and ``apply_`` onto the real base would be refused.
+    Refused here: with a mask, any tensor the mask selects; without one, when every tensor is shared
+    (nothing could differ). Shared tensors the mask leaves frozen are fine (they cannot change)."""
+    shared = [n for n in B if _shares_memory(B[n], T[n])]
+    if not shared:
+        return
+    if mask is not None:
+        shared = [n for n in shared if mask.k_of(n)]
+    elif len(shared) < sum(1 for n in B if B[n].numel()):
+        return
+    if shared:
+        raise ValueError(
+            f"the base's {shared[0]!r} shares memory with the tuned model's ({len(shared)} such tensors): the base "
+            "is the live model, not a copy of its weights before training (model.state_dict() returns the live "
+            "parameters). Take a copy before training: {n: t.detach().clone() for n, t in model.state_dict().items()}"
+        )
+
+
 def _delta_dtype(dtype: torch.dtype) -> torch.dtype:
     if dtype == torch.float64:
         return torch.float64
@@ -258,6 +285,8 @@ class SparseDiff:
         indices: dict[str, Tensor] = {}
         if mask is not None:
             mask.check_matches(shapes, strict=False)  # tensors the mask does not know must not change
+        _refuse_live_base(B, T, mask)
+        if mask is not None:
             for n in shapes:
                 if n in mask.indices:
                     indices[n] = mask.indices[n].cpu()

@@ -92,7 +92,7 @@ def _loop_batch(model, params, acc, b: Batch, kind, loss_fn) -> None:
 class _Call:
     """One call of a hooked module during a forward: its input, and the output gradients received."""
 
-    __slots__ = ("module", "name", "rule", "args", "kwargs", "versions", "outs", "grads", "lengths")
+    __slots__ = ("module", "name", "rule", "args", "kwargs", "versions", "outs", "grads", "lengths", "hooks")
 
     def __init__(self, module, name, rule, args, kwargs, lengths):
         self.module, self.name, self.rule = module, name, rule
@@ -101,6 +101,17 @@ class _Call:
         self.versions = [(t, t._version) for t in leaves]
         self.outs: list[Tensor] = []
         self.grads: list[Tensor | None] = []
+        self.hooks: list = []  # handles of the gradient hooks on self.outs
+
+    def release(self) -> None:
+        """Drop the hooks and every tensor. Each output tensor holds (in C++, invisible to Python's
+        garbage collector) a hook whose closure holds this record, which holds the output again:
+        left alone, that cycle keeps every batch's activations, inputs and the engine (with its
+        accumulators) alive after estimate_fisher returns."""
+        for h in self.hooks:
+            h.remove()
+        self.hooks, self.outs, self.grads, self.versions = [], [], [], []
+        self.args, self.kwargs, self.lengths = (), {}, None
 
     def check_unmodified(self):
         for t, v in self.versions:
@@ -199,7 +210,7 @@ class _Engine:
             slot = len(call.outs)
             call.outs.append(t)
             call.grads.append(None)
-            t.register_hook(lambda g, call=call, slot=slot: self._on_grad(call, slot, g))
+            call.hooks.append(t.register_hook(lambda g, call=call, slot=slot: self._on_grad(call, slot, g)))
         if not call.outs:
             raise _UseLoop(f"module '{name}' returns no floating-point tensor")
         return torch.utils._pytree.tree_unflatten(leaves, spec) if changed else None
@@ -243,12 +254,12 @@ class _Engine:
             lengths = right_padded_lengths(mask)
             if lengths is not None:
                 self.lengths_for = (tuple(mask.shape), lengths)
-        self.active = True
         try:
-            out = b.call(self.model)
-        finally:
-            self.active = False
-        try:
+            self.active = True
+            try:
+                out = b.call(self.model)
+            finally:
+                self.active = False
             for call in self.calls:  # before any backward, so that nothing is accumulated yet
                 try:
                     call.check_unmodified()
@@ -267,7 +278,11 @@ class _Engine:
                 torch.autograd.grad(term.sum(), starts, retain_graph=j < len(terms) - 1, allow_unused=True)
                 self._finish_generic()
         finally:
-            self.calls, self.leaves = [], []
+            # also on error, the forward's included (a refusal in _on_forward): break the hook cycles
+            # (see _Call.release)
+            for call in self.calls:
+                call.release()
+            self.calls, self.leaves, self.lengths_for = [], [], None
 
 
 def _detach(obj):
@@ -380,13 +395,16 @@ def estimate_fisher(
         modules that fold the batch dimension, anything the first-batch self-check catches) fall back
         to the loop with a warning.
     seed: the RNG is seeded inside a forked RNG state (the caller's RNG is untouched); None: unseeded.
+    progress: a progress bar on stderr (tqdm on a terminal, plain lines when stderr is redirected);
+        False: silent.
     chunk_elems: bound on per-sample entries alive at once in the PyTorch rules.
     self_check: before the first batch counts, compare the batched rules with the per-sample loop on
         a few samples (the most padded ones); on disagreement retry without skipping padded tokens,
         then fall back to the loop, with a warning. Costs a few per-sample passes, once.
 
     The model is in eval mode during the estimate and restored afterwards; parameters' `.grad` and
-    `requires_grad` are left as they were. Scores are fp32 (fp64 for fp64 parameters).
+    `requires_grad` are left as they were, and no hook or reference to the model, its inputs or its
+    activations outlives the call (also on error). Scores are fp32 (fp64 for fp64 parameters).
     """
     _check_arguments(model, data, num_samples, kind, loss_fn, implementation, seed, chunk_elems)
     params = _trainable(model)
@@ -408,12 +426,12 @@ def estimate_fisher(
     fallback = None
     engine = None
     need_labels = kind == "empirical" and loss_fn is None
-    from tqdm.auto import tqdm
+    from .._progress import progress_bar
 
     t0 = time.perf_counter()
     count = 0
     checked = False
-    bar = tqdm(total=num_samples, unit="sample", desc="Fisher", disable=not progress, leave=False)
+    bar = progress_bar(total=num_samples, desc="Fisher", unit="sample", enabled=bool(progress))
     try:
         with _fisher_mode(model, seed):
             if ran != "loop":

@@ -32,6 +32,14 @@ _BLOCK_O = 64
 _BLOCK_I = 64
 _BLOCK_T = 32
 _NUM_WARPS = 4
+# Rows of x or g that do not start 16-element aligned (a batch or token stride not divisible by 16,
+# or a base pointer not 16-byte aligned) cannot be read with vector loads: every element of the two
+# operand tiles then has its own address, and with the T loop software-pipelined (Triton's default
+# stages) fp32 tiles need more than 255 registers and spill (ptxas, sm_80 and sm_90, e.g. B=3, T=5,
+# OUT=9, IN=100). Twice the warps and no pipelining keep those launches at <= 160 registers;
+# scripts/triton_aot_gate.py compiles every launched variant and fails on spills.
+_UNALIGNED_NUM_WARPS = 8
+_UNALIGNED_NUM_STAGES = 1
 _DOT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _LENGTH_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
@@ -163,6 +171,14 @@ def _validate(acc: Tensor, x: Tensor, g: Tensor, lengths: Tensor | None) -> None
         )
 
 
+def _launch_config(x: Tensor, g: Tensor) -> dict:
+    """num_warps / num_stages for these inputs (strides as the kernel will read them)."""
+    aligned = all(t.data_ptr() % 16 == 0 and t.stride(0) % 16 == 0 and t.stride(1) % 16 == 0 for t in (x, g))
+    if aligned:
+        return {"num_warps": _NUM_WARPS}  # Triton's default num_stages
+    return {"num_warps": _UNALIGNED_NUM_WARPS, "num_stages": _UNALIGNED_NUM_STAGES}
+
+
 def _launch(acc: Tensor, x: Tensor, g: Tensor, lengths: Tensor | None, *, splits: int,
             block_o: int = _BLOCK_O, block_i: int = _BLOCK_I, block_t: int = _BLOCK_T) -> None:
     """Launch on validated, non-empty inputs with the given number of sample splits (tests use this
@@ -190,7 +206,7 @@ def _launch(acc: Tensor, x: Tensor, g: Tensor, lengths: Tensor | None, *, splits
         # exact (bf16 products fit in fp32) and matches a GPU bf16 dot with fp32 accumulation.
         DOT_FP32=x.dtype == torch.bfloat16 and triton_interpreting(),
         BLOCK_O=block_o, BLOCK_I=block_i, BLOCK_T=block_t,
-        num_warps=_NUM_WARPS,
+        **_launch_config(x, g),
     )
 
 

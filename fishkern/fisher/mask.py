@@ -28,6 +28,10 @@ def fisher_mask(
     head) included entirely inside k. Frozen parameters (requires_grad=False) count in "all
     parameters" but are never selected. The mask's provenance records the Fisher settings.
 
+    Only what `force` names is forced in (`fishkern.integrations.fish_mask_for` forces the head by
+    the builders' head rule); every `force` / `exclude` pattern must match a parameter, and a density
+    must give k ≥ 1 (an explicit `k=0` is allowed).
+
     Every argument that can be checked without scores is checked before the Fisher pass."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")

@@ -6,7 +6,6 @@ goes to the highest scores among the parameters that are neither forced nor excl
 """
 from __future__ import annotations
 
-import fnmatch
 import math
 import operator
 from collections.abc import Iterable, Mapping, Sequence
@@ -15,7 +14,9 @@ import torch
 from torch import Tensor
 
 from ..topk import global_topk
-from .fishmask import FishMask, ParamsLike, _numel, model_identity, named_shapes, new_mask
+from ._patterns import as_patterns as _patterns, check_each_matches, close_names, match_names
+from .fishmask import BooleanMasks, FishMask, ParamsLike, _numel, model_identity, named_shapes, new_mask
+from .heads import head_parameters
 
 _TOPK_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # ranked exactly as fp32
 
@@ -23,19 +24,6 @@ _TOPK_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # ranked exactly 
 # ------------------------------------------------------------------------ input checks
 def _type_name(value) -> str:
     return type(value).__name__
-
-
-def _patterns(value, arg: str) -> list[str]:
-    """A pattern (or name) argument as a list: one string or a sequence of strings."""
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, (bytes, Mapping)) or not isinstance(value, Iterable):
-        raise TypeError(f"{arg} must be a string or a list of strings, got {_type_name(value)}")
-    out = list(value)
-    for i, v in enumerate(out):
-        if not isinstance(v, str):
-            raise TypeError(f"{arg}[{i}] must be a string, got {_type_name(v)}")
-    return out
 
 
 def _dim(d) -> int | None:
@@ -61,16 +49,19 @@ def _shape_of(value, where: str) -> tuple[int, ...]:
     )
 
 
-def _checked_shapes(params: ParamsLike, arg: str) -> dict[str, tuple[int, ...]]:
-    """``named_shapes`` with a TypeError naming the entry when something is neither a tensor nor a shape."""
+def _model_shapes(params: ParamsLike, arg: str) -> tuple[dict[str, tuple[int, ...]], bool]:
+    """(``named_shapes`` with a TypeError naming the entry when something is neither a tensor nor a
+    shape, whether ``params`` is a model: a module, or its parameters — every value an
+    ``nn.Parameter``, as ``model.named_parameters()`` gives — rather than plain tensors or shapes)."""
     if isinstance(params, torch.nn.Module):
-        return named_shapes(params)
+        return named_shapes(params), True
     if isinstance(params, (str, bytes, Tensor)) or not isinstance(params, Iterable):
         raise TypeError(
             f"{arg} must be a model, a mapping {{name: tensor or shape}} or (name, tensor) pairs, got {_type_name(params)}"
         )
     items = params.items() if isinstance(params, Mapping) else params
     out = {}
+    parameters = True
     for i, item in enumerate(items):
         if not (isinstance(item, (tuple, list)) and len(item) == 2):
             raise TypeError(f"{arg}: entry {i} is {_type_name(item)}, not a (name, tensor) pair")
@@ -78,7 +69,8 @@ def _checked_shapes(params: ParamsLike, arg: str) -> dict[str, tuple[int, ...]]:
         if not isinstance(name, str):
             raise TypeError(f"{arg}: parameter names must be strings, got {_type_name(name)} {name!r:.60}")
         out[name] = _shape_of(value, f"{arg}[{name!r}]")
-    return out
+        parameters = parameters and isinstance(value, torch.nn.Parameter)
+    return out, parameters and bool(out)
 
 
 def _score_shapes(scores: Mapping[str, Tensor]) -> dict[str, tuple[int, ...]]:
@@ -104,36 +96,58 @@ def _check_competing_scores(competing: list[str], scores: Sequence[Tensor]) -> N
             )
 
 
-def match_names(names: Sequence[str], patterns: Sequence[str] | str) -> list[str]:
-    """Names matching any pattern. A pattern is an fnmatch glob over the full name; a pattern without
-    wildcards also matches a module prefix ("classifier" matches "classifier.weight")."""
-    if isinstance(patterns, str):
-        patterns = [patterns]
-    out = []
-    for n in names:
-        for pat in patterns:
-            if fnmatch.fnmatchcase(n, pat) or (not any(c in pat for c in "*?[") and n.startswith(pat + ".")):
-                out.append(n)
-                break
-    return out
+def smallest_density(total: int, digits: int = 3) -> float:
+    """A density just at or above 1/total, rounded up to ``digits`` significant digits (more when
+    needed), with ⌊d × total⌋ ≥ 1 checked in floating point: (1/49) × 49 is 0.999… there."""
+    from decimal import ROUND_CEILING, Decimal
+
+    exact = Decimal(1) / Decimal(total)
+    for n in range(digits, 18):
+        d = float(exact.quantize(Decimal(1).scaleb(exact.adjusted() - n + 1), rounding=ROUND_CEILING))
+        if math.floor(d * total) >= 1:
+            return d
+    d = 1.0 / total
+    while math.floor(d * total) < 1:
+        d = math.nextafter(d, 2.0)
+    return d
 
 
 def budget(total: int, density: float | None, k: int | None) -> int:
+    """k from a density (k = ⌊density × total⌋, which must be ≥ 1) or an explicit k in [0, total].
+
+    A density that selects nothing is an error: the CLI and FishTrainer take densities in (0, 1],
+    and a mask that trains nothing is never what a density means. An explicit ``k=0`` is allowed:
+    it says so on purpose (an empty mask, e.g. a frozen control run)."""
     if (density is None) == (k is None):
         raise ValueError("give exactly one of density (fraction of all parameters) or k (number of entries)")
     if k is None:
-        if not (isinstance(density, (int, float)) and 0.0 <= density <= 1.0) or math.isnan(density):
-            raise ValueError(f"density must be a fraction in [0, 1], got {density!r}")
-        return math.floor(density * total)
+        if isinstance(density, bool) or not (isinstance(density, (int, float)) and 0.0 <= density <= 1.0) \
+                or math.isnan(density):
+            raise ValueError(f"density must be a fraction in (0, 1], got {density!r}")
+        k = math.floor(density * total)
+        if k == 0:
+            if total == 0:
+                raise ValueError("there are no parameters (0 entries): no density selects anything")
+            raise ValueError(
+                f"density {density!r} of {total:,} parameters gives k = ⌊density × {total:,}⌋ = 0 entries: the mask "
+                f"would train nothing. The smallest density that selects an entry is 1/{total:,} (k = 1), e.g. "
+                f"density={smallest_density(total)!r}; pass k=0 for an empty mask on purpose"
+            )
+        return k
     if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= total:
         raise ValueError(f"k must be an integer in [0, {total}], got {k!r}")
     return k
 
 
-def _split_forced(shapes, force, exclude) -> tuple[list[str], list[str]]:
+def _split_forced(shapes, force, exclude, head: list[str] | None = None) -> tuple[list[str], list[str]]:
+    """(forced names, competing names). Every force / exclude pattern must match a parameter (a typo
+    would silently force or exclude nothing). ``head``: names already chosen by the head rule,
+    forced in instead of the ``force`` patterns."""
     names = list(shapes)
     force, exclude = _patterns(force, "force"), _patterns(exclude, "exclude")
-    forced = match_names(names, force) if force else []
+    check_each_matches(names, force, "force")
+    check_each_matches(names, exclude, "exclude")
+    forced = list(head) if head is not None else match_names(names, force) if force else []
     excluded = match_names(names, exclude) if exclude else []
     both = sorted(set(forced) & set(excluded))
     if both:
@@ -209,22 +223,38 @@ def from_scores(
     return _select(shapes, forced, competing, ranked, k, prov)
 
 
+def _forced_head(shapes, is_model: bool, force, arg: str) -> list[str] | None:
+    """The head a baseline builder forces in: the rule of ``fishkern.mask.heads`` for a model;
+    for plain tensors or shapes (no model), only what ``force`` names. None: use ``force``."""
+    if force is None:
+        return head_parameters(list(shapes), None, arg=arg) if is_model else []
+    return None
+
+
 def random_mask(
     params: ParamsLike,
     density: float | None = None,
     *,
     k: int | None = None,
     seed: int = 0,
-    force: Sequence[str] | str = (),
+    force: Sequence[str] | str | None = None,
     exclude: Sequence[str] | str = (),
     provenance: Mapping | None = None,
 ) -> FishMask:
-    """The random-mask baseline: the same budget rule, entries drawn uniformly (seeded, exact k)."""
-    shapes = _checked_shapes(params, "params")
+    """The random-mask baseline: the same budget rule, entries drawn uniformly (seeded, exact k).
+
+    params: a model, its ``named_parameters()``, or {name: tensor or shape}.
+    force: patterns of parameters included entirely, counted inside k. None (the default): for a
+        model (or its parameters), the classification head by the rule of ``fish_mask_for``
+        (``classifier`` / ``score``; an error when the model has neither: name it, e.g.
+        ``force="fc"``); for plain tensors or shapes, nothing. ``force=()`` forces nothing in.
+    """
+    shapes, is_model = _model_shapes(params, "params")
     if isinstance(seed, bool) or not hasattr(seed, "__index__"):
         raise TypeError(f"seed must be an int, got {_type_name(seed)}")
     k = budget(sum(_numel(s) for s in shapes.values()), density, k)
-    forced, competing = _split_forced(shapes, force, exclude)
+    head = _forced_head(shapes, is_model, force, "force")
+    forced, competing = _split_forced(shapes, () if head is not None else force, exclude, head)
     gen = torch.Generator().manual_seed(seed)
     scores = [torch.rand(shapes[n], generator=gen) for n in competing]
     prov = {"method": "random", "density": density, "k": k, "seed": seed, "model": model_identity(params), **(provenance or {})}
@@ -232,22 +262,37 @@ def random_mask(
 
 
 def bitfit_mask(
-    params: ParamsLike, *, head: Sequence[str] | str = ("classifier",), provenance: Mapping | None = None
+    params: ParamsLike, *, head: Sequence[str] | str | None = None, provenance: Mapping | None = None
 ) -> FishMask:
-    """BitFit (Ben Zaken et al., 2022): every bias plus the (new) classification head."""
-    shapes = _checked_shapes(params, "params")
-    head = _patterns(head, "head")
-    forced = match_names(list(shapes), head) if head else []
+    """BitFit (Ben Zaken et al., 2022): every bias plus the (new) classification head.
+
+    head: patterns of the head's parameters. None (the default): for a model (or its parameters),
+        the rule of ``fish_mask_for`` (``classifier`` / ``score``; an error when the model has
+        neither: name it, e.g. ``head="fc"``); for plain tensors or shapes, no head. ``head=()``:
+        the biases only. Each given pattern must match a parameter.
+    """
+    shapes, is_model = _model_shapes(params, "params")
+    forced = _forced_head(shapes, is_model, head, "head")
+    if forced is None:
+        head = _patterns(head, "head")
+        check_each_matches(list(shapes), head, "head")
+        forced = match_names(list(shapes), head)
     selected = {n: torch.arange(_numel(s)) for n, s in shapes.items() if n.endswith("bias") or n in forced}
     return new_mask(shapes, selected, forced, {"method": "bitfit", "model": model_identity(params), **(provenance or {})})
 
 
 def from_boolean(
-    masks: Mapping[str, Tensor], *, forced: Sequence[str] = (), provenance: Mapping | None = None
+    masks: Mapping[str, Tensor], *, forced: Sequence[str] | None = None, provenance: Mapping | None = None
 ) -> FishMask:
-    """A mask from dense boolean tensors (True = trained), one per parameter."""
+    """A mask from dense boolean tensors (True = trained), one per parameter.
+
+    forced: names of the parameters that were forced in. None (the default): those that
+    ``FishMask.to_boolean()`` recorded on its result, so ``from_boolean(m.to_boolean()) == m``;
+    none for a plain dict."""
     if not isinstance(masks, Mapping):
         raise TypeError(f"masks must be a mapping {{parameter name: boolean tensor}}, got {_type_name(masks)}")
+    if forced is None:
+        forced = masks.forced if isinstance(masks, BooleanMasks) else ()
     forced = _patterns(forced, "forced")
     shapes = {}
     selected = {}
@@ -259,4 +304,11 @@ def from_boolean(
             raise TypeError(f"mask of {name!r} must be a boolean tensor, got {got}")
         shapes[name] = tuple(m.shape)
         selected[name] = m.reshape(-1).nonzero().squeeze(1)
+    unknown = [n for n in forced if n not in shapes]
+    if unknown:
+        close = [c for n in unknown[:1] for c in close_names(n, list(shapes))]
+        raise ValueError(
+            f"forced names {unknown[:3]} are not among the masks' parameters"
+            + (f" (did you mean {close}?)" if close else "")
+        )
     return new_mask(shapes, selected, forced, {"method": "boolean", **(provenance or {})})

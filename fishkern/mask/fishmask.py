@@ -65,6 +65,19 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
+class BooleanMasks(dict):
+    """``FishMask.to_boolean()``'s result: {name: bool tensor}, a plain dict that also records which
+    parameters were forced in (``forced``), so that ``FishMask.from_boolean`` gives the same mask
+    back. A copy made with ``dict(...)`` drops the record (pass ``forced=`` then)."""
+
+    def __init__(self, masks=(), forced: tuple[str, ...] = ()):
+        super().__init__(masks)
+        self.forced = tuple(forced)
+
+    def __reduce__(self):  # pickles / deep-copies with its record
+        return (type(self), (dict(self), self.forced))
+
+
 @dataclass(frozen=True)
 class FishMask:
     """A fixed sparse mask over a model's parameters. Build it with ``FishMask.from_scores``
@@ -186,9 +199,10 @@ class FishMask:
             for n, d in zip(names, devices)
         ]
 
-    def to_boolean(self, device=None) -> dict[str, Tensor]:
-        """Dense boolean masks of every parameter's shape (True = trained)."""
-        out = {}
+    def to_boolean(self, device=None) -> "BooleanMasks":
+        """Dense boolean masks of every parameter's shape (True = trained): a dict that also records
+        the forced parameters, so ``FishMask.from_boolean(m.to_boolean()) == m``."""
+        out = BooleanMasks(forced=self.forced)
         for name, shape in self.shapes.items():
             m = torch.zeros(_numel(shape), dtype=torch.bool, device=device)
             if name in self.indices:

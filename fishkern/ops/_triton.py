@@ -2,14 +2,52 @@
 happen at `import fishkern`). Kernel modules import triton themselves, lazily, when first used."""
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import os
 
 import torch
 
 
+# The oldest triton whose interpreter runs every fishkern kernel exactly (checked with 3.2.0 and
+# 3.5.1; 3.0/3.1, which torch 2.4 pins, reject them). An older triton is ignored: the PyTorch paths run.
+MIN_TRITON = (3, 2)
+
+
 def triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
+
+
+def triton_version() -> tuple[int, ...] | None:
+    """The installed triton's (major, minor), read from its metadata without importing it."""
+    if not triton_installed():
+        return None
+    try:
+        text = importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:  # a source checkout on the path
+        return MIN_TRITON
+    parts = []
+    for piece in text.split(".")[:2]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits or 0))
+    return tuple(parts)
+
+
+def triton_supported() -> bool:
+    """triton is installed and new enough for fishkern's kernels (MIN_TRITON)."""
+    v = triton_version()
+    return v is not None and v >= MIN_TRITON
+
+
+def triton_status() -> str:
+    """One line on triton for messages: missing, too old, or usable."""
+    v = triton_version()
+    if v is None:
+        return "triton is not installed"
+    if v < MIN_TRITON:
+        return (f"triton {'.'.join(map(str, v))} is older than {'.'.join(map(str, MIN_TRITON))}, the oldest fishkern's "
+                "kernels run on")
+    return f"triton {'.'.join(map(str, v))}"
 
 
 def triton_interpreting() -> bool:
@@ -19,11 +57,26 @@ def triton_interpreting() -> bool:
 
 def triton_usable_on(device: torch.device) -> bool:
     """Whether a Triton kernel can run on tensors of this device in this process."""
-    if not triton_installed():
+    if not triton_supported():
+        if device.type == "cuda" and triton_installed():
+            _warn_old_triton()
         return False
     if device.type == "cuda":
         return not triton_interpreting()
     return device.type == "cpu" and triton_interpreting()
+
+
+_WARNED_OLD = False
+
+
+def _warn_old_triton() -> None:
+    global _WARNED_OLD
+    if not _WARNED_OLD:
+        _WARNED_OLD = True
+        import warnings
+
+        warnings.warn(f"fishkern: {triton_status()}: the CUDA paths use PyTorch instead of the fused Triton kernels "
+                      "(upgrade triton for them)", RuntimeWarning, stacklevel=3)
 
 
 def tl_dtype(dtype: torch.dtype):

@@ -91,4 +91,5 @@ def masked_adamw_triton(
         BLOCK=table.block, PARAM_DT=tl_dtype(param_dtype), STATE_DT=tl_dtype(exp_avg.dtype),
         GRAD_FLAT=grad_flat is not None, HAS_MASTER=master is not None, WEIGHT_DECAY=s.has_weight_decay,
         AMSGRAD=max_exp_avg_sq is not None, MAXIMIZE=maximize,
+        num_warps=8,  # 4 warps spill registers on sm_90 for fp16 AdamW (scripts/triton_aot_gate.py)
     )

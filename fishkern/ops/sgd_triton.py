@@ -85,4 +85,5 @@ def masked_sgd_triton(
         BLOCK=table.block, PARAM_DT=tl_dtype(param_dtype), STATE_DT=tl_dtype(state_dtype),
         GRAD_FLAT=grad_flat is not None, HAS_MASTER=master is not None, WEIGHT_DECAY=weight_decay != 0,
         MOMENTUM=momentum != 0, FIRST_STEP=first_step, NESTEROV=nesterov, MAXIMIZE=maximize,
+        num_warps=8,  # 4 warps spill registers on sm_90 for fp16 AdamW (scripts/triton_aot_gate.py)
     )

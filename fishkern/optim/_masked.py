@@ -18,14 +18,19 @@ from torch import Tensor
 from .._native import native_available
 from ..mask.fishmask import FishMask
 from ..ops.masked_copy import gather_masked, scatter_masked_
-from ..ops._triton import triton_installed, triton_interpreting, triton_usable_on
+from ..ops._triton import triton_interpreting, triton_status, triton_supported, triton_usable_on
 from ..ops.multi_tensor import AddressTable, BlockTable, build_block_table
 from . import _ddp
+from ._grad_proxy import MaskedGrad
 from ._layout import GroupLayout, build_group_layout, check_mask_indices, flat_memory_view
 from ._sharded import is_dtensor, local_tensor, shard_info
 
 STATE_DICT_FORMAT = 1
 IMPLEMENTATIONS = ("auto", "torch", "triton")
+
+
+# torch.optim.Optimizer accepts (name, parameter) pairs from torch 2.6 on
+_TORCH_TAKES_NAMES = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 6)
 
 
 @dataclass
@@ -56,6 +61,9 @@ class _GroupRuntime:
         self.buffers: dict[str, Tensor] = {}
         self.grad: Tensor | None = None  # gathered gradients, [K]
         self.grad_ready = [False] * n  # set by hooks: this tensor's gradient is in self.grad
+        # the MaskedGrad each gathered tensor's .grad was set to (None: none, or a sharded tensor,
+        # whose .grad stays None); a .grad that is no longer it was dropped or replaced by the user
+        self.proxies: list[MaskedGrad | None] = [None] * n
         # whether a step has initialised this tensor's history buffers (SGD's momentum buffer
         # starts as a copy of the gradient, whenever momentum first applies to the tensor)
         self.started = [False] * n
@@ -87,8 +95,11 @@ class MaskedOptimizer(torch.optim.Optimizer):
     ):
         if implementation not in IMPLEMENTATIONS:
             raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
-        if implementation == "triton" and not triton_installed():
-            raise RuntimeError("implementation='triton' was requested but triton is not installed")
+        if implementation == "triton" and not triton_supported():
+            raise RuntimeError(
+                f"implementation='triton' was requested but {triton_status()}; install it (pip install -U triton, "
+                "CUDA machines) or use implementation='auto' or 'torch' (the vectorised PyTorch path, any device)"
+            )
         if isinstance(mask_indices, Tensor):
             mask_indices = [mask_indices]
         self._fishmask = mask_indices if isinstance(mask_indices, FishMask) else None
@@ -158,6 +169,10 @@ class MaskedOptimizer(torch.optim.Optimizer):
                 )
             masks, self._pending_masks = self._pending_masks[: len(params)], self._pending_masks[len(params) :]
         layout = self._build_layout(params, masks, group_no)
+        self._check_implementation(layout, group_no)
+        if named and not _TORCH_TAKES_NAMES:
+            # torch < 2.6 optimizers take tensors only: split the pairs as torch 2.6+ does itself
+            param_group["params"], param_group["param_names"] = params, names
         super().add_param_group(param_group)
         self._layouts.append(layout)
         self._runtime.append(_GroupRuntime(layout))
@@ -192,6 +207,15 @@ class MaskedOptimizer(torch.optim.Optimizer):
             g = local_tensor(g)
         return g
 
+    def _check_implementation(self, layout: GroupLayout, group_no: int) -> None:
+        """implementation='triton' is refused at construction when this group's kernels could not
+        run (rather than at the first step())."""
+        if self.implementation != "triton" or layout.state_dtype == torch.float64:
+            return  # float64 groups take the PyTorch path whatever was asked
+        if triton_usable_on(layout.device):
+            return
+        raise RuntimeError(_triton_refusal(layout.device, f"param group {group_no}'s parameters"))
+
     def _use_triton(self, layout: GroupLayout) -> bool:
         # float64 groups always take the PyTorch path: Triton passes scalar arguments (lr, bias
         # corrections) as fp32, which would cost fp64 state its precision.
@@ -199,11 +223,8 @@ class MaskedOptimizer(torch.optim.Optimizer):
             return False
         usable = triton_usable_on(layout.device)
         if self.implementation == "triton":
-            if not usable:
-                raise RuntimeError(
-                    f"implementation='triton' cannot run on {layout.device} tensors here: Triton needs CUDA "
-                    "tensors, or CPU tensors with TRITON_INTERPRET=1 set before triton is imported"
-                )
+            if not usable:  # checked at construction too; TRITON_INTERPRET may have changed since
+                raise RuntimeError(_triton_refusal(layout.device, "the parameters"))
             return True
         return usable and layout.device.type == "cuda" and not triton_interpreting()
 
@@ -285,16 +306,56 @@ class MaskedOptimizer(torch.optim.Optimizer):
         grad = self._grad_of(lay, i)
         if grad is None:
             return
+        proxy = rt.proxies[i]
+        if proxy is not None and grad is proxy:
+            return  # autograd added this backward's gradient into the proxy (MaskedGrad's add_)
+        # A dense .grad where a proxy was holds the whole gradient (autograd summed the proxy in,
+        # or the user dropped or replaced it): gather it afresh. Sharded tensors have no proxy and
+        # accumulate in the buffer.
+        accumulate = rt.grad_ready[i] and proxy is None
         out = self._grad_buffer(gi)[lay.slice(i)]
         with torch.no_grad():
-            self._gather_grad(lay, i, grad, out, accumulate=rt.grad_ready[i])
+            self._gather_grad(lay, i, grad, out, accumulate=accumulate)
         rt.grad_ready[i] = True
-        lay.owners[i].grad = None  # the dense gradient is freed as soon as its k entries are safe
+        self._free_dense(gi, i)
+
+    def _free_dense(self, gi: int, i: int) -> None:
+        """Replace tensor i's dense .grad (gathered into the buffer) by a MaskedGrad over its k
+        entries there, so torch.nn.utils.clip_grad_norm_ & co. still see (and scale) the gradient.
+        Sharded (DTensor) parameters get None: their .grad must be a DTensor."""
+        lay, rt = self._layouts[gi], self._runtime[gi]
+        owner = lay.owners[i]
+        if lay.shards[i] is not None:
+            owner.grad = None
+            rt.proxies[i] = None
+            return
+        proxy = MaskedGrad(self._grad_buffer(gi)[lay.slice(i)], lay.indices[i], lay.mem_indices[i], lay.params[i])
+        owner.grad = proxy
+        rt.proxies[i] = proxy
+
+    def _sync_proxies(self) -> None:
+        """A tensor whose .grad is no longer the proxy it was given has had its gradient dropped
+        (model.zero_grad(), p.grad = None) or replaced (p.grad = g): .grad is the truth, as in torch."""
+        for lay, rt in zip(self._layouts, self._runtime):
+            for i, proxy in enumerate(rt.proxies):
+                if proxy is not None and lay.owners[i].grad is not proxy:
+                    rt.proxies[i] = None
+                    rt.grad_ready[i] = False
+
+    def _drop_proxies(self, rt: _GroupRuntime, lay: GroupLayout, positions) -> None:
+        """The gathered gradients of these tensors are consumed: their proxies leave .grad."""
+        for i in positions:
+            proxy = rt.proxies[i]
+            if proxy is not None:
+                if lay.owners[i].grad is proxy:
+                    lay.owners[i].grad = None
+                rt.proxies[i] = None
 
     def remove_grad_hooks(self) -> None:
         """Undo ``free_dense_grads``: remove the hooks and give back requires_grad to the
         parameters the optimizer froze. Gradients are then gathered at step time. Call it between
         steps, not while gradients gathered by the hooks wait for ``step()``."""
+        self._sync_proxies()
         if any(any(rt.grad_ready) for rt in self._runtime):
             raise RuntimeError(
                 "remove_grad_hooks() was called while gradients gathered by the hooks wait for step(); "
@@ -309,10 +370,12 @@ class MaskedOptimizer(torch.optim.Optimizer):
         self.free_dense_grads = False
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        # torch's zero_grad sets the proxies to None, or zeroes them (MaskedGrad.zero_: their entries)
         super().zero_grad(set_to_none=set_to_none)
         for rt in self._runtime:
             if set_to_none:
                 rt.grad_ready = [False] * len(rt.grad_ready)
+                rt.proxies = [None] * len(rt.proxies)
             elif rt.grad is not None:
                 rt.grad.zero_()
 
@@ -324,6 +387,7 @@ class MaskedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._sync_proxies()
         # Check every group before touching any: a refusal in group 1 must not leave group 0 stepped.
         actives = [self._active(gi) for gi in range(len(self.param_groups))]
         for gi, group in enumerate(self.param_groups):
@@ -433,7 +497,7 @@ class MaskedOptimizer(torch.optim.Optimizer):
             if use_triton:
                 self._update_run_triton(gi, group, run, has_master)
                 # the kernel writes through raw pointers: tell autograd, as an in-place op would
-                torch.autograd.graph.increment_version([lay.params[i] for i in run.positions if lay.k(i)])
+                _increment_version([lay.params[i] for i in run.positions if lay.k(i)])
             else:
                 self._update_run_torch(gi, group, run, has_master)
             if bufs.keys() - {"master"}:  # history buffers exist (momentum off: SGD has none)
@@ -449,6 +513,7 @@ class MaskedOptimizer(torch.optim.Optimizer):
         for i in new_state:
             self._publish_state(gi, i)
         if any(rt.grad_ready):
+            self._drop_proxies(rt, lay, range(len(rt.proxies)))
             rt.grad_ready = [False] * len(rt.grad_ready)  # gathered gradients are consumed by step()
         for i in read_dense:  # gathered here, not in backward (under DDP): free them now
             lay.owners[i].grad = None
@@ -487,7 +552,7 @@ class MaskedOptimizer(torch.optim.Optimizer):
         for i in run.positions:
             if lay.k(i) and not rt.grad_ready[i]:
                 p, g = lay.params[i], self._grad_of(lay, i)
-                if native and not g.is_sparse and g.shape == p.shape and g.stride() == p.stride():
+                if native and type(g) is not MaskedGrad and not g.is_sparse and g.shape == p.shape and g.stride() == p.stride():
                     batched.append(i)
                 else:
                     self._gather_grad(lay, i, g, grad[lay.slice(i)], accumulate=False)
@@ -522,7 +587,7 @@ class MaskedOptimizer(torch.optim.Optimizer):
             written = [lay.params[i] for i in selected]
             scatter_masked_(written, lay.flat_mem_indices, *lay.segments(selected), values)
             # a raw write: tell autograd, as an in-place torch op would (stale graphs then raise)
-            torch.autograd.graph.increment_version(written)
+            _increment_version(written)
             return
         for i in selected:
             p = lay.params[i]
@@ -539,7 +604,11 @@ class MaskedOptimizer(torch.optim.Optimizer):
         grad_addr = None
         if not has_grad_flat:
             grad_addr = rt.grad_addr.update(
-                [g.data_ptr() if (g := self._grad_of(lay, i)) is not None and lay.k(i) else 0 for i in range(len(lay.params))]
+                # tensors outside this run may hold a MaskedGrad (no data pointer): the run's blocks never read them
+                [
+                    g.data_ptr() if (g := self._grad_of(lay, i)) is not None and type(g) is not MaskedGrad and lay.k(i) else 0
+                    for i in range(len(lay.params))
+                ]
             )
         return rt.block_table, param_addr, grad_addr
 
@@ -552,7 +621,10 @@ class MaskedOptimizer(torch.optim.Optimizer):
             if not lay.k(i):
                 continue
             g = self._grad_of(lay, i)
-            if rt.grad_ready[i] or g is None or g.is_sparse or g.stride() != lay.params[i].stride() or g.dtype != lay.params[i].dtype:
+            if (
+                rt.grad_ready[i] or g is None or type(g) is MaskedGrad or g.is_sparse
+                or g.stride() != lay.params[i].stride() or g.dtype != lay.params[i].dtype
+            ):
                 direct = False
                 break
         if direct:
@@ -579,10 +651,14 @@ class MaskedOptimizer(torch.optim.Optimizer):
         """Clip the gradients of the trained entries to a total norm of ``max_norm``, like
         ``torch.nn.utils.clip_grad_norm_`` on a model whose only parameters are those entries.
 
-        Works with ``free_dense_grads`` (where ``.grad`` is None after backward and
-        ``torch.nn.utils.clip_grad_norm_`` would see nothing). Returns the total norm before clipping.
-        Unselected gradient entries are ignored; call it between ``backward()`` and ``step()``.
+        Works everywhere ``torch.nn.utils.clip_grad_norm_`` does with these optimizers (with
+        ``free_dense_grads`` ``.grad`` holds a MaskedGrad that torch's clip measures and scales),
+        and also on FSDP2-sharded parameters, whose ``.grad`` is None after backward with
+        ``free_dense_grads``: the norm is reduced over the shards. Unlike torch's clip on dense
+        gradients, unselected gradient entries are ignored. Returns the total norm before clipping;
+        call it between ``backward()`` and ``step()``.
         """
+        self._sync_proxies()
         pieces = []  # flat gradient entries, as views that can be scaled in place
         sharded = []  # whether the piece is one rank's shard of a parameter (its norm spans ranks)
         for gi, (lay, rt) in enumerate(zip(self._layouts, self._runtime)):
@@ -595,7 +671,7 @@ class MaskedOptimizer(torch.optim.Optimizer):
                     self._gather_grad(lay, i, g, out, accumulate=False)
                     rt.grad_ready[i] = True
                     if self.free_dense_grads:
-                        lay.owners[i].grad = None
+                        self._free_dense(gi, i)
                     pieces.append(out)
                 else:
                     continue
@@ -655,8 +731,47 @@ class MaskedOptimizer(torch.optim.Optimizer):
         return sum(lay.total for lay in self._layouts)
 
     def state_bytes(self) -> int:
-        """Bytes held as optimizer state (moment buffers, fp32 masters); excludes indices and scratch."""
+        """Bytes held now as optimizer state: the per-entry buffers (moments / momentum) and fp32
+        masters. They are allocated by the first ``step()``, so this is 0 before it; afterwards
+        8·k for AdamW (12·k with amsgrad, +4·k with masters of bf16/fp16 entries). Excludes the
+        indices and the gradient and scratch buffers: ``memory_footprint()`` counts everything."""
         return sum(b.numel() * b.element_size() for rt in self._runtime for b in rt.buffers.values())
+
+    def memory_footprint(self) -> dict[str, int]:
+        """Bytes this optimizer holds now, by part, and their ``"total"``:
+
+        - ``"state"``: per-entry optimizer state (exp_avg, exp_avg_sq, max_exp_avg_sq; momentum_buffer);
+        - ``"master"``: fp32 master copies of the bf16/fp16 entries (``master_weights=True``);
+        - ``"indices"``: the mask, as each entry's row-major index and its memory offset (int32 for
+          tensors under 2**31 entries, int64 above);
+        - ``"grad"``: the gathered gradients (what ``.grad`` proxies point into with ``free_dense_grads``);
+        - ``"work"``: scratch for the gathered parameter values (PyTorch path, entries without masters);
+        - ``"tables"``: step counters and the Triton path's block and address tables (O(tensors + k/1024)).
+
+        The indices exist from construction; the state, masters, gradient and work buffers are
+        allocated when first needed (the first backward with ``free_dense_grads``, the first
+        ``step()``), so the total grows over the first step and then stays. Dense ``.grad`` tensors
+        that autograd holds between backward and step are the model's, not counted here.
+        """
+        def nbytes(t: Tensor | None) -> int:
+            return 0 if t is None else t.numel() * t.element_size()
+
+        parts = dict.fromkeys(("state", "master", "indices", "grad", "work", "tables"), 0)
+        for lay, rt in zip(self._layouts, self._runtime):
+            for name, buf in rt.buffers.items():
+                parts["master" if name == "master" else "state"] += nbytes(buf)
+            parts["indices"] += nbytes(lay.flat_indices) + nbytes(lay.flat_mem_indices)
+            parts["grad"] += nbytes(rt.grad)
+            parts["work"] += nbytes(rt.work)
+            parts["tables"] += nbytes(rt.step_tensor) + nbytes(rt.trainable_index)
+            if rt.block_table is not None:
+                bt = rt.block_table
+                parts["tables"] += nbytes(bt.block_tensor) + nbytes(bt.block_start) + nbytes(bt.seg_end)
+            for table in (rt.param_addr, rt.grad_addr):
+                if table is not None:
+                    parts["tables"] += nbytes(table.table)
+        parts["total"] = sum(parts.values())
+        return parts
 
     def mask_digests(self) -> list[list[str]]:
         """Per group, per parameter: the digest of its mask (see ``fishkern._indices.indices_digest``)."""
@@ -766,6 +881,7 @@ class MaskedOptimizer(torch.optim.Optimizer):
             rt.buffers.clear()
             rt.steps = [0] * len(rt.steps)
             rt.step_tensor.zero_()
+            self._drop_proxies(rt, self._layouts[gi], range(len(rt.proxies)))  # gathered gradients are discarded
             rt.grad_ready = [False] * len(rt.grad_ready)
             rt.started = [False] * len(rt.started)
         touched = set()
@@ -799,7 +915,44 @@ def _saved_step(step: Any, where: str) -> int:
     return int(step)
 
 
+def _triton_refusal(device: torch.device, what: str) -> str:
+    """Why implementation='triton' cannot run on ``device`` here, and what to use instead."""
+    if device.type == "cuda":
+        why = "TRITON_INTERPRET=1 is set, and the interpreter runs on CPU tensors only"
+        fix = "unset TRITON_INTERPRET before Python starts"
+    else:
+        cuda = torch.cuda.is_available()  # at construction only, never at import
+        if cuda:
+            here = f"CUDA is available here ({torch.cuda.device_count()} device(s))"
+            fix = "move the model to CUDA (model.to('cuda')) before building the optimizer"
+        elif torch.version.cuda is None:
+            here = "this torch build has no CUDA"
+            fix = "install a CUDA build of torch on a machine with an NVIDIA GPU"
+        else:
+            here = "this torch has CUDA but finds no GPU"
+            fix = "run on a machine with a visible GPU"
+        why = f"Triton kernels need CUDA tensors and {here}"
+        fix += "; or set TRITON_INTERPRET=1 before triton is imported to run the kernels on CPU (slow: for tests)"
+    return (
+        f"implementation='triton' cannot run: {what} are on {device}. {why}. Use implementation='auto' or "
+        f"'torch' (the vectorised PyTorch path, on any device), or {fix}"
+    )
+
+
 def _remove_handles(handles: list) -> None:
     for h in handles:
         h.remove()
     handles.clear()
+
+
+def _increment_version(tensors) -> None:
+    """Bump the autograd version counters of tensors written in place behind autograd's back.
+    torch >= 2.5 takes a list in one call; torch 2.4 takes one tensor at a time."""
+    tensors = list(tensors)
+    if not tensors:
+        return
+    try:
+        torch.autograd.graph.increment_version(tensors)
+    except (RuntimeError, TypeError):
+        for t in tensors:
+            torch.autograd.graph.increment_version(t)

@@ -18,7 +18,9 @@ class MaskedAdamW(MaskedOptimizer):
     entries (same bias correction, eps placement and decoupled weight decay); every unselected
     entry stays bit-identical for the whole run, also with weight decay, amsgrad and maximize.
     ``exp_avg`` / ``exp_avg_sq`` (and ``max_exp_avg_sq``) hold k_i entries per parameter, in fp32
-    (fp64 for fp64 parameters): 8·k bytes of state instead of 8·|θ|.
+    (fp64 for fp64 parameters): 8·k bytes of state instead of 8·|θ|, allocated by the first step.
+    With the indices and the gathered-gradient and scratch buffers the optimizer holds 24·k bytes
+    in all on the PyTorch path (``memory_footprint()`` gives the parts).
 
     Args:
         params: parameters or param groups, as for any ``torch.optim`` optimizer. A param group
@@ -30,9 +32,14 @@ class MaskedAdamW(MaskedOptimizer):
         lr, betas, eps, weight_decay, amsgrad, maximize: as ``torch.optim.AdamW`` (same defaults).
         free_dense_grads: gather each parameter's k gradient entries in a post-accumulate-grad hook
             and free its dense ``.grad`` at once (peak dense-gradient memory: one parameter). Parameters
-            with no selected entry get ``requires_grad=False``. ``.grad`` is then ``None`` after
-            backward; gradients accumulate over several backward passes until ``step()`` consumes
-            them. ``remove_grad_hooks()`` undoes it.
+            with no selected entry get ``requires_grad=False``. ``.grad`` then holds a
+            ``fishkern.optim.MaskedGrad``: the parameter's shape and dtype, stored as its k entries
+            only, so ``torch.nn.utils.clip_grad_norm_`` / ``clip_grad_value_`` and
+            ``GradScaler.unscale_`` work on exactly what ``step()`` reads. Gradients accumulate over
+            several backward passes (in the k entries) until ``step()`` consumes them (``.grad`` is
+            then ``None``); a ``.grad`` set to ``None`` or replaced before ``step()`` is respected, as
+            in torch. FSDP2-sharded parameters get ``.grad = None`` (use ``clip_grad_norm_`` of the
+            optimizer there). ``remove_grad_hooks()`` undoes it.
         master_weights: keep fp32 master copies of the k selected entries of bf16/fp16 parameters
             (the update is applied to the master, the parameter receives its rounded value).
         implementation: ``"auto"`` (fused Triton kernel for CUDA tensors, vectorised PyTorch

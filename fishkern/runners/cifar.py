@@ -38,13 +38,21 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-import torch.nn.functional as F
-
-from ..data.augment import Augment
-from ..models.resnet import CifarResNet
-from ._report import fmt_bytes, git_revision, save_figure, write_json_atomic, write_text_atomic
+# numpy, torch and the model are imported where they are used: `fishkern cifar --help` and the
+# command line's checks need none of them
+from . import check_device
+from ._report import (
+    MachineLoad,
+    bytes_log_axis,
+    draw_baseline,
+    fmt_bytes,
+    git_revision,
+    load_warning,
+    plural,
+    save_figure,
+    write_json_atomic,
+    write_text_atomic,
+)
 
 METHODS = ("standard", "dense", "fish", "random")
 DATASETS = ("cifar10", "digits")
@@ -99,6 +107,8 @@ class CifarConfig:
         return tuple(self.widths) if self.widths else ((64, 128, 256, 512) if self.dataset == "cifar10" else (8, 16, 32, 64))
 
     def augment(self) -> Augment:
+        from ..data.augment import Augment
+
         cifar = self.dataset == "cifar10"
         return Augment(
             crop_padding=(4 if cifar else 1) if self.crop_padding is None else self.crop_padding,
@@ -125,10 +135,10 @@ class CifarConfig:
         if self.mask_every_exchanges and self.mask_every_epochs:
             raise ValueError("give at most one of mask_every_exchanges (R) and mask_every_epochs")
         if not 0 <= self.lr_warmup_epochs < self.epochs:
-            raise ValueError(f"the learning-rate warm-up ({self.lr_warmup_epochs} epochs) must be shorter than the "
-                             f"{self.epochs} epochs of training")
+            raise ValueError(f"the learning-rate warm-up ({plural(float(self.lr_warmup_epochs), 'epoch')}) must be "
+                             f"shorter than the {plural(self.epochs, 'epoch')} of training")
         if any(m != "standard" for m in self.methods) and self.dense_warmup_epochs >= self.epochs:
-            raise ValueError(f"the dense warm-up ({self.dense_warmup_epochs} epochs) leaves no epoch of the "
+            raise ValueError(f"the dense warm-up ({plural(self.dense_warmup_epochs, 'epoch')}) leaves no epoch of the "
                              f"{self.epochs} for distributed training")
         if self.lr <= 0 or self.momentum < 0 or self.weight_decay < 0 or self.timeout <= 0:
             raise ValueError("lr and timeout must be > 0, momentum and weight decay >= 0")
@@ -190,6 +200,8 @@ def steps_per_epoch(n: int, batch_size: int) -> int:
 
 # ---------------------------------------------------------------------------------------- data
 def _to_nchw(x: np.ndarray, what: str) -> np.ndarray:
+    import numpy as np
+
     if x.ndim == 3:  # (N, H, W): grey
         return x[:, None]
     if x.ndim != 4:
@@ -201,6 +213,9 @@ def _to_nchw(x: np.ndarray, what: str) -> np.ndarray:
 
 def make_image_data(x_train, y_train, x_test, y_test, *, name: str, source: str) -> dict[str, Any]:
     """Validate arrays into the runner's data dict: uint8 (0–255) or float images, int labels 0..C-1."""
+    import numpy as np
+    import torch
+
     out: dict[str, Any] = {"name": name, "source": source}
     for split, x, y in (("train", x_train, y_train), ("test", x_test, y_test)):
         x, y = np.asarray(x), np.asarray(y)
@@ -232,6 +247,8 @@ def make_image_data(x_train, y_train, x_test, y_test, *, name: str, source: str)
 
 
 def _from_datasetdict(dd, source: str) -> dict[str, Any]:
+    import numpy as np
+
     missing = [s for s in ("train", "test") if s not in dd]
     if missing:
         raise ValueError(f"{source}: the DatasetDict has no {missing} split (it has {list(dd)})")
@@ -250,6 +267,8 @@ def _from_datasetdict(dd, source: str) -> dict[str, Any]:
 def load_digits_data() -> dict[str, Any]:
     """scikit-learn's 8×8 handwritten digits (1,797 grey images, values 0–16): a stratified 80/20
     split (1,437 train / 360 test, fixed seed)."""
+    import numpy as np
+
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -263,6 +282,8 @@ def load_cifar10(data_dir: str | None) -> dict[str, Any]:
     """CIFAR-10: from the hub (``datasets.load_dataset("uoft-cs/cifar10")``) when data_dir is None,
     else from a saved DatasetDict directory or an .npz file (x_train, y_train, x_test, y_test) — the
     path, or the one .npz inside the directory."""
+    import numpy as np
+
     if data_dir is None:
         import datasets
 
@@ -308,6 +329,10 @@ def load_data(cfg: CifarConfig) -> dict[str, Any]:
 
 
 def build_model(cfg: CifarConfig, data_or_shape, seed: int) -> CifarResNet:
+    import torch
+
+    from ..models.resnet import CifarResNet
+
     channels, classes = (data_or_shape["x_train"].shape[1], data_or_shape["num_classes"]) \
         if isinstance(data_or_shape, dict) else data_or_shape
     torch.manual_seed(seed)
@@ -316,6 +341,8 @@ def build_model(cfg: CifarConfig, data_or_shape, seed: int) -> CifarResNet:
 
 def check_budget(cfg: CifarConfig, model: torch.nn.Module) -> None:
     """Refuse densities whose k cannot hold the forced head (before any process starts)."""
+    import torch
+
     if not cfg.force_head or not any(m in ("fish", "random") for m in cfg.methods):
         return
     total = sum(p.numel() for p in model.parameters())
@@ -329,6 +356,8 @@ def check_budget(cfg: CifarConfig, model: torch.nn.Module) -> None:
 def make_optimizer(cfg: CifarConfig, model: torch.nn.Module, mask=None) -> torch.optim.Optimizer:
     """Nesterov SGD of the recipe: ``torch.optim.SGD`` on every parameter without a mask,
     ``MaskedSGD`` (momentum and weight decay on the k masked entries only) with one. lr is set per step."""
+    import torch
+
     nesterov = cfg.nesterov and cfg.momentum > 0
     if mask is None:
         return torch.optim.SGD(model.parameters(), lr=0.0, momentum=cfg.momentum, nesterov=nesterov,
@@ -344,6 +373,8 @@ class _Run:
     """The state of one run on one rank: model, generators, counters, checkpointer, current mask."""
 
     def __init__(self, worker: _Worker, spec: RunSpec):
+        import torch
+
         self.spec, self.t_start = spec, time.perf_counter()
         self.model = build_model(worker.cfg, worker.shape, spec.seed).to(worker.device)
         self.numel = sum(p.numel() for p in self.model.parameters())
@@ -366,6 +397,8 @@ class _Worker:
 
     def __init__(self, cfg: CifarConfig, data: dict[str, Any], rank: int, world: int, device: torch.device,
                  artifacts: Path | None):
+        import torch
+
         import torch.distributed as dist
 
         self.cfg, self.rank, self.world, self.device, self.artifacts = cfg, rank, world, device, artifacts
@@ -382,16 +415,25 @@ class _Worker:
 
     # ---- small pieces
     def _order(self, idx: torch.Tensor, seed: int, stream: int, epoch: int) -> list[torch.Tensor]:
+        import numpy as np
+        import torch
+
         rng = np.random.default_rng([seed, stream, epoch])
         order = idx[torch.from_numpy(rng.permutation(idx.numel()))]
         n = steps_per_epoch(idx.numel(), self.cfg.batch_size)
         return [order[i * self.cfg.batch_size: (i + 1) * self.cfg.batch_size] for i in range(n)]
 
     def _shard(self, seed: int) -> torch.Tensor:
+        import numpy as np
+        import torch
+
         perm = torch.from_numpy(np.random.default_rng([seed, 9973]).permutation(self.y_train.numel()))
         return perm[self.rank:: self.world]
 
     def _step(self, model, opt, idx, gen, lr: float) -> torch.Tensor:
+        import torch
+        import torch.nn.functional as F
+
         idx = idx.to(self.device)
         x = self.aug(self.x_train.index_select(0, idx), gen)
         loss = F.cross_entropy(model(x), self.y_train.index_select(0, idx))
@@ -412,15 +454,18 @@ class _Worker:
             if after_epoch is not None:
                 after_epoch(e + 1, opt)
 
-    @torch.no_grad()
     def evaluate(self, model) -> dict[str, float]:
+        import torch
+        import torch.nn.functional as F
+
         model.eval()
         correct, loss = 0, 0.0
-        for s in range(0, self.y_test.numel(), 1000):
-            out = model(self.x_test[s: s + 1000])
-            y = self.y_test[s: s + 1000]
-            correct += int((out.argmax(1) == y).sum())
-            loss += float(F.cross_entropy(out, y, reduction="sum"))
+        with torch.no_grad():
+            for s in range(0, self.y_test.numel(), 1000):
+                out = model(self.x_test[s: s + 1000])
+                y = self.y_test[s: s + 1000]
+                correct += int((out.argmax(1) == y).sum())
+                loss += float(F.cross_entropy(out, y, reduction="sum"))
         model.train()
         n = self.y_test.numel()
         return {"accuracy": correct / n, "loss": loss / n, "test_examples": n}
@@ -428,6 +473,8 @@ class _Worker:
     def _average_buffers(self, model) -> int:
         """Average the BatchNorm running statistics over the ranks (before evaluation, Fisher
         estimates and checkpoints; they are not part of the exchanges). Returns bytes sent."""
+        import torch
+
         bufs = [b for b in model.buffers() if b.is_floating_point()]
         if self.world == 1 or not bufs:
             return 0
@@ -443,6 +490,9 @@ class _Worker:
     def _make_mask(self, spec: RunSpec, model, shard: torch.Tensor, n_mask: int):
         """Rank 0's new mask (FISH: Fisher over num_samples of its shard, un-augmented; random:
         seeded); None on the other ranks. Returns (mask or None, Fisher seconds)."""
+        import numpy as np
+        import torch
+
         from ..fisher import fisher_mask
         from ..mask import FishMask
 
@@ -480,6 +530,8 @@ class _Worker:
     def _standard(self, r: _Run) -> None:
         """Standard training on the whole training set. Every rank runs the same computation (same
         seeds, so nobody waits long in a collective); rank 0 reports."""
+        import torch
+
         c = self.cfg
         idx = torch.arange(self.y_train.numel())
         opt = make_optimizer(self.cfg, r.model, None)
@@ -492,6 +544,8 @@ class _Worker:
         """Dense warm-up (standard training), then H local steps on this rank's shard between
         exchanges of the mask's k values (dense: all parameters); new masks every R exchanges or E
         epochs; an exchange before every checkpoint, new mask and the end."""
+        import torch
+
         from ..distributed import SparseAverager
 
         c, spec, model, stats = self.cfg, r.spec, r.model, r.stats
@@ -596,6 +650,8 @@ class _Worker:
         return result
 
     def _save_states(self, run_dir: Path, model, mask, name: str) -> None:
+        import torch
+
         d = run_dir / "states"
         d.mkdir(parents=True, exist_ok=True)
         torch.save({n: p.detach().cpu().clone() for n, p in model.named_parameters()}, d / f"{name}.pt")
@@ -607,6 +663,8 @@ def _checkpoint_composition(directory: str, files: list[str]) -> dict[str, int]:
     """Bytes of a chain's checkpoint files by content (from the safetensors headers, no data read):
     weights (changed values + their indices + tensors stored whole), mask, optimizer, rng, and
     the rest (header and metadata)."""
+    import torch
+
     from safetensors import safe_open
 
     out = {"weights": 0, "mask": 0, "optimizer": 0, "rng": 0, "other": 0}
@@ -635,6 +693,8 @@ def _under_torchrun() -> bool:
 
 
 def _device_for(cfg: CifarConfig, local_rank: int) -> torch.device:
+    import torch
+
     name = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(name)
     if dev.type == "cuda" and dev.index is None:
@@ -643,6 +703,8 @@ def _device_for(cfg: CifarConfig, local_rank: int) -> torch.device:
 
 
 def _set_threads(cfg: CifarConfig, world: int) -> None:
+    import torch
+
     torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // world))
 
 
@@ -663,6 +725,8 @@ def _work(cfg: CifarConfig, data, rank: int, world: int, device, specs, artifact
 
 def _spawn_entry(rank: int, world: int, tmp: str, cfg: CifarConfig, specs: list[RunSpec], artifacts: str | None) -> None:
     """Entry point of a spawned worker: gloo (CPU) / NCCL (CUDA) through a FileStore in ``tmp``."""
+    import torch
+
     import torch.distributed as dist
 
     try:
@@ -706,6 +770,8 @@ def execute(cfg: CifarConfig, data: dict[str, Any], specs: list[RunSpec], artifa
     """Run the specs on M workers: the current torchrun group (every rank calls this; rank 0 gets
     the results, the others None), or ``cfg.workers`` processes spawned here (default 2; 1 runs in
     this process). A worker's error is raised here with its type (ValueError, ...) and message."""
+    import torch
+
     import torch.distributed as dist
 
     if _under_torchrun():
@@ -751,6 +817,8 @@ def execute(cfg: CifarConfig, data: dict[str, Any], specs: list[RunSpec], artifa
 
 # ---------------------------------------------------------------------------------------- runs
 def _environment(device: str) -> dict[str, Any]:
+    import torch
+
     return {"python": platform.python_version(), "torch": torch.__version__, "git": git_revision(),
             "machine": platform.machine(), "cpus": os.cpu_count(), "device": device,
             "gpu": torch.cuda.get_device_name(0) if device.startswith("cuda") and torch.cuda.is_available() else None}
@@ -780,6 +848,7 @@ def run_cifar(cfg: CifarConfig) -> dict[str, Any] | None:
     accuracy_vs_bytes.png when several distributed runs are compared) to ``cfg.out_dir``. Under
     torchrun only rank 0 writes and returns the report."""
     cfg.check()
+    check_device(cfg.device)  # before the data are loaded
     out = Path(cfg.out_dir)
     rank0 = int(os.environ.get("RANK", "0")) == 0 if _under_torchrun() else True
     if rank0:
@@ -789,7 +858,8 @@ def run_cifar(cfg: CifarConfig) -> dict[str, Any] | None:
     check_budget(cfg, build_model(cfg, data, 0))
     specs = plan_runs(cfg)
     t0 = time.perf_counter()
-    results = execute(cfg, data, specs, out)
+    with MachineLoad() as load:  # the workers are children: their CPU counts as ours (not under torchrun)
+        results = execute(cfg, data, specs, out)
     if results is None:
         return None
     report = {
@@ -799,6 +869,8 @@ def run_cifar(cfg: CifarConfig) -> dict[str, Any] | None:
         "model": build_model(cfg, data, 0).describe(),
         "runs": results,
         "seconds": time.perf_counter() - t0,
+        # under torchrun the other ranks are not this process's children: not measurable here
+        "machine_load": None if _under_torchrun() else load.result,
         "environment": _environment(str(_device_for(cfg, 0))),
     }
     write_json_atomic(out / "results.json", report)
@@ -813,6 +885,8 @@ def render_runs(report) -> str:
              "| run | trained k | workers | exchanges | bytes sent / worker | model copies | test accuracy | time |",
              "|---|---|---|---|---|---|---|---|"]
     lines += [_run_row(r) for r in report["runs"]]
+    warning = load_warning({"the runs": report.get("machine_load")}, what="the times")
+    lines += ["", warning] if warning else []
     lines += ["", f"Total {report['seconds']:.0f} s; torch {report['environment']['torch']}, "
               f"device {report['environment']['device']}, git {report['environment']['git']}.", ""]
     return "\n".join(lines)
@@ -867,8 +941,9 @@ def plot_accuracy_vs_bytes(runs, path, title: str) -> None:
                     alpha=1.0 if m != "fish" or d is None or d >= 0.05 else 0.7)
     std = [100 * r["accuracy"] for r in runs if r["method"] == "standard"]
     if std:
-        ax.axhline(statistics.mean(std), ls=":", color="black", label=f"Standard training ({statistics.mean(std):.1f}%)")
+        draw_baseline(ax, "standard", statistics.mean(std), f"Standard training ({statistics.mean(std):.1f}%)")
     ax.set_xscale("log")
+    bytes_log_axis(ax.xaxis)
     ax.set_xlabel("bytes sent per worker (log scale)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(title)
@@ -1010,14 +1085,16 @@ def run_miniature(cfg: CifarConfig, plan: MiniaturePlan = MiniaturePlan()) -> di
     scikit-learn's digits; writes report.md, results.json and two PNGs to ``cfg.out_dir``."""
     cfg = miniature_config(cfg, plan)
     cfg.check()
+    check_device(cfg.device)
     out = Path(cfg.out_dir)
     _check_out(out, list(MINIATURE_FILES), cfg.overwrite)
     data = load_data(cfg)
     specs = miniature_specs(plan)
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="fishkern-miniature-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="fishkern-miniature-") as tmp, MachineLoad() as load:
         results = execute(cfg, data, specs, Path(tmp))  # checkpoints are measured, then dropped
     report = summarize_miniature(cfg, plan, data, results, time.perf_counter() - t0)
+    report["machine_load"] = load.result
     write_json_atomic(out / "results.json", report)
     plot_accuracy_vs_bytes([r for r in results if r["group"] in ("figure3", "both")],
                            out / "figure3_accuracy_vs_bytes.png",
@@ -1026,6 +1103,12 @@ def run_miniature(cfg: CifarConfig, plan: MiniaturePlan = MiniaturePlan()) -> di
                      title="Digits 8x8: accuracy vs checkpoint bytes (1 checkpoint / epoch)")
     write_text_atomic(out / "report.md", render_miniature(report))
     return report
+
+
+def _shares(workers: int) -> str:
+    if workers == 1:
+        return "on the whole training set"
+    return f"each on its own {'half' if workers == 2 else f'1/{workers}'} of the training set"
 
 
 def render_miniature(rep) -> str:
@@ -1038,15 +1121,16 @@ def render_miniature(rep) -> str:
         f"offline on a 2-core CPU in minutes: scikit-learn's 8×8 handwritten digits ({rep['data']['train']:,} train / "
         f"{rep['data']['test']:,} test images, a stratified split) and {rep['model']}.",
         "",
-        f"Recipe (the paper's, scaled): {c['epochs']} epochs, batch {c['batch_size']} per worker, Nesterov SGD momentum "
+        f"Recipe (the paper's, scaled): {plural(c['epochs'], 'epoch')}, batch {c['batch_size']} per worker, Nesterov SGD momentum "
         f"{c['momentum']}, weight decay {c['weight_decay']:g} on the trained entries only (MaskedSGD), learning rate "
         f"piecewise linear 0 → {c['lr']:g} at epoch {c['lr_warmup_epochs']:g} → 0; augmentation: pad {c['crop_padding']} "
-        f"(reflect) + random 8×8 crop, no flip (digits are not mirror-symmetric), no cutout; {c['dense_warmup_epochs']} "
-        f"epoch of dense standard training before the distributed phase; FISH masks from rank 0's empirical Fisher "
+        f"(reflect) + random 8×8 crop, no flip (digits are not mirror-symmetric), no cutout; {plural(c['dense_warmup_epochs'], 'epoch')} "
+        f"of dense standard training before the distributed phase; FISH masks from rank 0's empirical Fisher "
         f"over {c['num_samples']} of its training images, the `fc` head forced in (counted in k). "
-        f"{c['workers']} real gloo worker processes ({c['threads']} thread each), each on its own half of the training "
-        f"set; `SparseAverager` averages the k masked values (FISH, random) or all {numel:,} parameters (dense) every "
-        f"H local steps and at the end; its counters give the bytes. Seeds {rep['plan']['seeds']}: mean [min, max].",
+        f"{plural(c['workers'], 'real gloo worker process', 'real gloo worker processes')} "
+        f"({plural(c['threads'], 'thread')} each), {_shares(c['workers'])}; `SparseAverager` averages the k masked "
+        f"values (FISH, random) or all {numel:,} parameters (dense) every H local steps and at the end; its counters "
+        f"give the bytes. Seeds {', '.join(map(str, rep['plan']['seeds']))}: mean [min, max].",
         "",
         "## Figure 3 in miniature: accuracy against communication",
         "",
@@ -1085,7 +1169,7 @@ def render_miniature(rep) -> str:
     ]
     for r in rep["table4"]:
         acc = f"{100 * r['accuracy_mean']:.1f} [{100 * r['accuracy_min']:.1f}, {100 * r['accuracy_max']:.1f}]"
-        every = "–" if r["method"] == "standard" else (f"every {r['mask_every_epochs']} epoch(s) ({r['mask_recomputes']} masks)"
+        every = "–" if r["method"] == "standard" else (f"every {plural(r['mask_every_epochs'], 'epoch')} ({plural(r['mask_recomputes'], 'mask')})"
                                                      if r["mask_every_epochs"] else "fixed (1 mask)")
         lines.append(f"| {r['label'].split(',')[0]} | {every} | {acc} | {r['checkpoints']} | "
                      f"{fmt_bytes(r['bytes_written_mean'])} | {fmt_bytes(r['full_bytes'])} | "
@@ -1101,6 +1185,7 @@ def render_miniature(rep) -> str:
         "and metadata. Checkpoint 1 (the dense warm-up epoch) changes every weight, so every chain starts with one "
         "full-size link. Per-checkpoint bytes, changed entries and the composition are in results.json (`table4`).",
         "",
+        *([w, ""] if (w := load_warning({"the runs": rep.get("machine_load")}, what="the times")) else []),
         f"Total {rep['seconds']:.0f} s on {rep['environment']['cpus']} CPU cores; torch {rep['environment']['torch']}, "
         f"git {rep['environment']['git']}. Reproduce: `fishkern cifar --miniature --out-dir DIR`.",
         "",
@@ -1115,9 +1200,13 @@ def run_benchmark(cfg: CifarConfig) -> dict[str, Any]:
     dense Nesterov SGD against MaskedSGD with a FISH (and/or random) mask at each density. Synthetic
     normal images (CIFAR-10 or digits shape; never zeros). CUDA: CUDA events per step, peak memory.
     Writes benchmark.json and benchmark.md to ``cfg.out_dir``."""
+    import numpy as np
+    import torch
+
     from ..fisher import fisher_mask
     from ..mask import FishMask
 
+    check_device(cfg.device)
     out = Path(cfg.out_dir)
     _check_out(out, ["benchmark.json", "benchmark.md"], cfg.overwrite)
     device = _device_for(cfg, 0)
@@ -1152,7 +1241,8 @@ def run_benchmark(cfg: CifarConfig) -> dict[str, Any]:
         opt = make_optimizer(cfg, model, mask)
         for grp in opt.param_groups:
             grp["lr"] = 0.01
-        step_t, opt_t, wall = _time_steps(model, opt, pool, lambda x: aug(x, gen), cfg.benchmark_steps, cuda)
+        with MachineLoad() as load:
+            step_t, opt_t, wall = _time_steps(model, opt, pool, lambda x: aug(x, gen), cfg.benchmark_steps, cuda)
         state = opt.state_bytes() if mask is not None else 4 * numel * (cfg.momentum > 0)
         rows.append({
             "method": method, "density": density, "k": mask.k if mask is not None else numel,
@@ -1161,6 +1251,7 @@ def run_benchmark(cfg: CifarConfig) -> dict[str, Any]:
             "images_per_s": b * cfg.benchmark_steps / wall,
             "optimizer_state_bytes": int(state), "fisher_seconds": fisher_s,
             "peak_memory_bytes": torch.cuda.max_memory_allocated() if cuda else None,
+            "machine_load": load.result,
         })
     rep = {"what": "training-step timing, standard vs masked SGD", "model": model.describe(), "batch_size": b,
            "steps": cfg.benchmark_steps, "input": [channels, size, size], "rows": rows,
@@ -1174,6 +1265,9 @@ def run_benchmark(cfg: CifarConfig) -> dict[str, Any]:
 def _time_steps(model, opt, pool, augment, steps: int, cuda: bool) -> tuple[list[float], list[float], float]:
     """5 untimed warm-up steps, then ``steps`` timed ones: (ms per step, ms per optimizer step,
     wall seconds of the timed steps). CUDA: events around each step and each ``opt.step()``."""
+    import torch
+    import torch.nn.functional as F
+
     events = []
     step_t, opt_t = [], []
     for i in range(5 + steps):
@@ -1216,14 +1310,18 @@ def render_benchmark(rep) -> str:
              "| method | trained k | step (median [p20, p80]) | optimizer step | images/s | optimizer state | peak memory | Fisher |",
              "|---|---|---|---|---|---|---|---|"]
     base = rep["rows"][0]["step_ms_median"]
+    loads = {}
     for r in rep["rows"]:
         name = r["method"] + ("" if r["density"] is None else f" {100 * r['density']:g}%")
+        loads[name] = r.get("machine_load")
         lines.append(f"| {name} | {r['k']:,} | {r['step_ms_median']:.2f} ms [{r['step_ms_p20']:.2f}, {r['step_ms_p80']:.2f}] "
                      f"({base / r['step_ms_median']:.2f}×) | {r['optimizer_step_ms_median']:.3f} ms | "
                      f"{r['images_per_s']:,.0f} | {fmt_bytes(r['optimizer_state_bytes'])} | "
                      f"{fmt_bytes(r['peak_memory_bytes'])} | "
                      f"{'' if r['fisher_seconds'] is None else format(r['fisher_seconds'], '.2f') + ' s'} |")
-    return "\n".join(lines + [""])
+    # on a GPU too: the host runs augmentation, Python and the kernel launches
+    warning = load_warning(loads, what="these step times")
+    return "\n".join(lines + (["", warning] if warning else []) + [""])
 
 
 # ------------------------------------------------------------------------------------------ CLI
@@ -1243,7 +1341,7 @@ def add_parser(sub, add_common) -> None:
     """The ``fishkern cifar`` subcommand (called by ``fishkern.cli.build_parser``)."""
     import argparse
 
-    from ..cli import _fraction, _positive_float, _positive_int
+    from ..cli import _fraction, _positive_float, _positive_int, add_out_dir
 
     d = CifarConfig()
     p = sub.add_parser(
@@ -1266,7 +1364,7 @@ def add_parser(sub, add_common) -> None:
     p.add_argument("--dataset", choices=DATASETS, default=d.dataset, help="default: %(default)s")
     p.add_argument("--data-dir", default=None, help="local CIFAR-10: a saved DatasetDict directory (train/test, columns "
                    "img/image + label) or an .npz file (x_train, y_train, x_test, y_test) (default: download uoft-cs/cifar10)")
-    p.add_argument("--out-dir", default=d.out_dir, help="output directory (default: %(default)s)")
+    add_out_dir(p, d.out_dir)
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(d.methods), help="default: fish")
     p.add_argument("--density", type=_fraction, nargs="+", default=list(d.densities),
                    help="mask densities as fractions (default: 0.1; the paper: 0.005 0.02 0.1)")
@@ -1298,7 +1396,8 @@ def add_parser(sub, add_common) -> None:
     p.add_argument("--cutout", type=_non_negative_int, default=None, help="cutout square side (default: 8; digits 0)")
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None, help="default: on (digits off)")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 0 (miniature: 0 1)")
-    p.add_argument("--device", default=None, help="cpu, cuda (default: cuda when available)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1… (default: cuda when available); one this "
+                   "machine lacks is refused at once")
     p.add_argument("--threads", type=_positive_int, default=None, help="torch threads per worker (default: cores / workers)")
     p.add_argument("--max-train-samples", type=_positive_int, default=None, help="use only the first N training images")
     p.add_argument("--max-test-samples", type=_positive_int, default=None, help="use only the first N test images")

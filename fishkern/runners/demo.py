@@ -15,11 +15,21 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from ..finetune import FinetuneConfig, FinetuneResult, finetune, select_mask
-from ..mask.builders import from_scores
-from ._report import fmt_bytes, git_revision, save_figure, write_json_atomic, write_text_atomic
+# torch, transformers and the training loop are imported where they are used: the command line
+# reads DemoConfig's defaults for `fishkern demo --help` without them
+from ._report import (
+    cpu_snapshot,
+    draw_baseline,
+    fmt_bytes,
+    git_revision,
+    interference,
+    load_warning,
+    percent_log_axis,
+    plural,
+    save_figure,
+    write_json_atomic,
+    write_text_atomic,
+)
 
 
 @dataclass
@@ -42,12 +52,16 @@ class DemoConfig:
 
 
 def _load(cfg: DemoConfig):
+    import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    from .._progress import silence_library_progress
     from ..data import TensorBatches, load_vader, minilm_path
 
     hf_logging.set_verbosity_error()
+    if not cfg.progress:
+        silence_library_progress()  # again, now that transformers is imported (older versions)
     path = str(minilm_path())
     split = load_vader(threshold=cfg.threshold, seed=0)
     tok = AutoTokenizer.from_pretrained(path)
@@ -82,22 +96,28 @@ def mask_breakdown(mask) -> dict[str, int]:
     return out
 
 
-@torch.no_grad()
 def accuracy(model, enc, batch_size: int = 512) -> dict[str, float]:
+    import torch
+
     model.eval()
     correct = 0
     n = enc["labels"].shape[0]
-    for s in range(0, n, batch_size):
-        batch = {k: v[s : s + batch_size] for k, v in enc.items() if k != "labels"}
-        keep = int(batch["attention_mask"].sum(1).max())
-        batch = {k: v[:, :keep] for k, v in batch.items()}
-        pred = model(**batch).logits.argmax(-1)
-        correct += int((pred == enc["labels"][s : s + batch_size]).sum())
+    with torch.no_grad():
+        for s in range(0, n, batch_size):
+            batch = {k: v[s : s + batch_size] for k, v in enc.items() if k != "labels"}
+            keep = int(batch["attention_mask"].sum(1).max())
+            batch = {k: v[:, :keep] for k, v in batch.items()}
+            pred = model(**batch).logits.argmax(-1)
+            correct += int((pred == enc["labels"][s : s + batch_size]).sum())
     return {"accuracy": correct / n}
 
 
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
-    from tqdm.auto import tqdm
+    import torch
+
+    from .._progress import progress_bar
+    from ..finetune import FinetuneConfig, FinetuneResult, finetune, select_mask
+    from ..mask.builders import from_scores
 
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -135,9 +155,10 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         plan.append(("bitfit", None, seed))
         for d in densities:
             plan += [("fish", d, seed), ("random", d, seed)]
-    bar = tqdm(total=len(plan), desc="demo runs", unit="run", disable=not cfg.progress)
+    bar = progress_bar(total=len(plan), desc="demo runs", unit="run", enabled=cfg.progress, leave=True)
     fisher_cache: dict[int, Any] = {}
     for method, density, seed in plan:
+        before = cpu_snapshot()  # other processes' CPU while this run (Fisher pass, steps) was timed
         reset()
         lr = cfg.lr_dense if method == "dense" else cfg.lr_sparse
         fc = FinetuneConfig(method=method, density=density or cfg.density, num_samples=cfg.num_samples,
@@ -157,6 +178,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
             extra.update(fisher_seconds=result.seconds, fisher_samples=result.num_samples)
         res = finetune(model, batches(seed), evaluate, fc, mask=mask, progress=cfg.progress,
                        desc=f"{method} {'' if density is None else f'{100 * density:g}% '}seed {seed}")
+        extra["machine_load"] = interference(before, cpu_snapshot())
         if res.mask is not None and method in ("fish", "random"):
             extra["mask_breakdown"] = mask_breakdown(res.mask)
         row = record(res, seed, lr, extra)
@@ -169,7 +191,12 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         bar.update(1)
         bar.set_postfix(last=f"{method} {row['metrics']['accuracy']:.3f}")
     bar.close()
-    report = summarize(cfg, runs, split, time.perf_counter() - t_all, fish_task)
+    from ..metrics import majority_class
+
+    label, rate = majority_class(val_enc["labels"])
+    chance = {"accuracy": rate, "label": label, "class": "positive" if label == 1 else "negative",
+              "validation_examples": int(val_enc["labels"].numel())}
+    report = summarize(cfg, runs, split, time.perf_counter() - t_all, fish_task, chance=chance)
     write_outputs(out, report)
     return report
 
@@ -186,7 +213,16 @@ def _agg(rows, key):
     return statistics.mean(vals) if vals else None
 
 
-def summarize(cfg: DemoConfig, runs, split, seconds, task_bytes) -> dict[str, Any]:
+def _run_label(row) -> str:
+    d = row.get("density_requested")
+    return f"{row['method']}{'' if d is None else f' {100 * d:g}%'} seed {row['seed']}"
+
+
+def summarize(cfg: DemoConfig, runs, split, seconds, task_bytes, chance: dict | None = None) -> dict[str, Any]:
+    """The report's data: the main table, the sweep, every run, the chance level (the accuracy of
+    always answering the validation set's majority class) and the machine's load while timing."""
+    import torch
+
     def group(method, density=None):
         return [r for r in runs if r["method"] == method and r["density_requested"] == density]
 
@@ -214,10 +250,12 @@ def summarize(cfg: DemoConfig, runs, split, seconds, task_bytes) -> dict[str, An
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.__dict__.items()},
         "data": {"train": len(split["train"]), "validation": len(split["validation"]),
                  "positive_fraction_train": split["train"].positive_fraction},
+        "chance": chance,
         "main": main,
         "sweep": sweep,
         "runs": runs,
         "seconds": seconds,
+        "machine_load": {_run_label(r): r.get("machine_load") for r in runs},
         "environment": {"python": platform.python_version(), "torch": torch.__version__,
                         "cpu_threads": torch.get_num_threads(), "machine": platform.machine(),
                         "git": git_revision()},
@@ -239,22 +277,56 @@ def plot_sweep(report, path) -> None:
         hi = [100 * (r["accuracy_max"] - r["accuracy_mean"]) for r in rows]
         ax.errorbar(x, y, yerr=[lo, hi], marker="o", capsize=3, color=color,
                     label="FISH mask" if method == "fish" else "random mask")
-    left = 100 * min(r["density"] for r in report["sweep"])
+    styles = {"dense": "dense AdamW", "bitfit": "BitFit"}
     for row in report["main"]:
-        if row["method"] in ("dense", "bitfit"):
-            acc = 100 * row["accuracy_mean"]
-            ax.axhline(acc, ls="--" if row["method"] == "dense" else ":", color="gray")
-            ax.text(left, acc, f" {row['method']} ({100 * row['density']:.3g}%)", va="bottom", fontsize=8, color="gray")
+        if row["method"] in styles:
+            draw_baseline(ax, row["method"], 100 * row["accuracy_mean"],
+                          f"{styles[row['method']]} ({100 * row['density']:.3g}% trained)")
+    chance = report.get("chance")
+    if chance:  # the floor: a model that learned nothing answers the majority class
+        draw_baseline(ax, "chance", 100 * chance["accuracy"],
+                      f"chance: always '{chance['class']}' ({100 * chance['accuracy']:.1f}%)")
     ax.set_xscale("log")
-    ticks = sorted({100 * r["density"] for r in report["sweep"]})
-    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    ax.set_xticks(ticks, [f"{t:g}%" for t in ticks])
+    percent_log_axis(ax.xaxis, [100 * r["density"] for r in report["sweep"]])
     ax.set_xlabel("trained parameters (% of all, log scale)")
     ax.set_ylabel("validation accuracy (%)")
     ax.set_title("MiniLM on VADER sentiment: FISH vs random mask")
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     save_figure(fig, path)
+
+
+CHANCE_MARGIN = 0.01  # a run within 1 point of the majority-class rate learned nothing beyond it
+
+
+def _chance_lines(report) -> list[str]:
+    chance = report.get("chance")
+    if not chance:
+        return []
+    rows = [(f"{r['method']} {100 * r['density']:g}%", r["accuracy_mean"]) for r in report["sweep"]]
+    rows += [(r["method"], r["accuracy_mean"]) for r in report["main"] if r["method"] in ("dense", "bitfit")]
+    at = [f"{name} ({100 * acc:.1f})" for name, acc in rows if abs(acc - chance["accuracy"]) < CHANCE_MARGIN]
+    below = [f"{name} ({100 * acc:.1f})" for name, acc in rows if acc <= chance["accuracy"] - CHANCE_MARGIN]
+    text = (f"Chance level: always answering \"{chance['class']}\", the majority class of the "
+            f"{chance['validation_examples']:,} validation words, scores {100 * chance['accuracy']:.1f}% (the red "
+            f"dotted line in the plot).")
+    if at:
+        text += (f" At that level (within {100 * CHANCE_MARGIN:g} point): {', '.join(at)} — those runs predict "
+                 f"(almost) one class for every word: they learned nothing beyond the class balance.")
+    if below:
+        text += f" Below it: {', '.join(below)}."
+    if not at and not below:
+        text += f" Every run is more than {100 * CHANCE_MARGIN:g} point above it."
+    return ["", text]
+
+
+def _load_note(report) -> str:
+    loads = [v for v in (report.get("machine_load") or {}).values() if v]
+    if not loads:
+        return "The load of the machine was not measured (needs Linux /proc)."
+    other = sum(v["other_cpu_s"] + v["steal_s"] for v in loads) / max(sum(v["wall_s"] for v in loads), 1e-9)
+    return (f"Other processes used {other:.2f} of a core on average during the training runs "
+            f"(results.json: machine_load).")
 
 
 def render_report(report) -> str:
@@ -266,10 +338,15 @@ def render_report(report) -> str:
         f"and real human-rated data (VADER lexicon entries with |mean rating| ≥ {cfg['threshold']}: "
         f"{report['data']['train']:,} train / {report['data']['validation']:,} validation, "
         f"{100 * report['data']['positive_fraction_train']:.0f}% positive). "
-        f"{cfg['epochs']} epochs, batch {cfg['batch_size']}, linear decay, weight decay 0, "
+        f"{plural(cfg['epochs'], 'epoch')}, batch {cfg['batch_size']}, linear decay, weight decay 0, "
         f"lr {cfg['lr_dense']:g} dense / {cfg['lr_sparse']:g} sparse; FISH from {cfg['num_samples']} Fisher samples; "
         f"seeds {cfg['seeds']} (mean, [min, max]).",
         "",
+    ]
+    warning = load_warning(report.get("machine_load") or {})
+    if warning:
+        lines += [warning, ""]
+    lines += [
         "| method | trained | val. accuracy | optimizer state | peak memory | step | optimizer step | Fisher | task file |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
@@ -290,6 +367,7 @@ def render_report(report) -> str:
         r_ = next(r for r in report["sweep"] if r["method"] == "random" and r["density"] == d)
         lines.append(f"| {100 * d:g}% | {100 * f['accuracy_mean']:.1f} | {100 * r_['accuracy_mean']:.1f} | "
                      f"{100 * (f['accuracy_mean'] - r_['accuracy_mean']):+.1f} |")
+    lines += _chance_lines(report)
     fish_rows = [r for r in report["runs"] if r["method"] == "fish" and r.get("mask_breakdown")]
     if fish_rows:
         dens = sorted({r["density_requested"] for r in fish_rows})
@@ -307,5 +385,6 @@ def render_report(report) -> str:
     lines += ["", "![accuracy against density](accuracy_vs_density.png)", "",
               f"Peak memory is the growth of the process's resident memory during training (CPU, sampled); "
               f"step times are medians. Total time {report['seconds']:.0f} s; torch {report['environment']['torch']}, "
-              f"{report['environment']['cpu_threads']} threads, git {report['environment']['git']}.", ""]
+              f"{report['environment']['cpu_threads']} threads, git {report['environment']['git']}. "
+              + _load_note(report), ""]
     return "\n".join(lines)

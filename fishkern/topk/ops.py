@@ -13,7 +13,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .._native import NativeExtensionMissing, require_native
+from .._native import NativeExtensionMissing, require_native, warn_fallback
+from .fallback import global_topk_torch
 
 _FAKE_REGISTERED = False
 
@@ -73,20 +74,47 @@ def check_scores(scores: Sequence[Tensor], k: int) -> list[Tensor]:
     return out
 
 
-def global_topk(scores: Sequence[Tensor], k: int) -> list[Tensor]:
+BACKENDS = ("auto", "native", "torch")
+
+
+def native_kernel_for(device: torch.device) -> tuple[bool, str]:
+    """(whether the native op has a kernel for `device` in this installation, why not)."""
+    from .._native import native_info
+
+    info = native_info()
+    if not info.available:
+        return False, info.reason
+    _ensure_op()
+    key = "CUDA" if device.type == "cuda" else "CPU" if device.type == "cpu" else None
+    if key is None:
+        return False, f"the native op has no kernel for {device.type} tensors"
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("fishkern::topk_select", key):
+        return False, f"the native extension was built without {key} kernels ({info.build.get('plan', {}).get('notes', [''])[-1:] or ''})"
+    return True, ""
+
+
+def global_topk(scores: Sequence[Tensor], k: int, *, backend: str = "auto") -> list[Tensor]:
     """For each score tensor, the sorted int64 flat indices of its entries among the k largest of all.
 
     Exactly k indices in total. Runs on the tensors' device (CPU: multi-threaded radix select, two
     reads of the scores in the usual case; CUDA: the GPU radix select when built with CUDA).
+    `backend`: "native" (the compiled op; an error if it is not there), "torch" (the exact
+    plain-PyTorch selection of fishkern.topk.fallback, same answer, slower), or "auto" (native when
+    this installation has a kernel for the device, else torch, with a one-time warning).
     """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     scores = check_scores(scores, k)
     if not scores:  # the dispatcher needs a tensor to pick a backend
         return []
-    op = _ensure_op()
-    key = "CUDA" if scores[0].is_cuda else "CPU" if scores[0].device.type == "cpu" else None
-    if key is None or not torch._C._dispatch_has_kernel_for_dispatch_key("fishkern::topk_select", key):
-        raise NativeExtensionMissing(
-            f"global_topk has no kernel for {scores[0].device} tensors in this build"
-            + (" (built without CUDA: rebuild with a CUDA build of torch and nvcc on the PATH)" if key == "CUDA" else "")
-        )
-    return list(op(scores, k))
+    if scores[0].device.type == "meta":
+        raise ValueError("global_topk needs scores with data; these are meta tensors (shapes only)")
+    if backend == "torch":
+        return global_topk_torch(scores, k)
+    ok, why = native_kernel_for(scores[0].device)
+    if not ok:
+        if backend == "native":
+            raise NativeExtensionMissing(f"global_topk has no native kernel for {scores[0].device} tensors: {why}")
+        warn_fallback("global_topk", why)
+        return global_topk_torch(scores, k)
+    return list(_ensure_op()(scores, k))

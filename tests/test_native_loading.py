@@ -1,0 +1,193 @@
+"""Where fishkern's native library comes from (fishkern/_native.py): an install-time build only for
+the running torch, else a first-use build cached per torch and sources under a lock, else the
+plain-PyTorch paths with a reason. The compiler is replaced here (the CI install checks in
+scripts/ci_installs.sh do real first-use builds)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+
+from fishkern import _build_config as cfg
+from fishkern import _native
+
+
+@pytest.fixture
+def pkg(tmp_path, monkeypatch):
+    """An empty package directory for _native to look in, and an empty cache."""
+    here = tmp_path / "pkg"
+    here.mkdir()
+    sources = _native.csrc_dir()
+    monkeypatch.setattr(_native, "HERE", str(here))
+    monkeypatch.setattr(_native, "csrc_dir", lambda: sources)
+    monkeypatch.setenv("FISHKERN_CACHE_DIR", str(tmp_path / "cache"))
+    for var in ("FISHKERN_NO_NATIVE", "FISHKERN_NO_JIT"):
+        monkeypatch.delenv(var, raising=False)
+    _native.native_info.cache_clear()
+    yield here
+    _native.native_info.cache_clear()
+
+
+class FakeCompiler:
+    """Stands in for cpp_extension.load and torch.ops.load_library: records, builds nothing."""
+
+    def __init__(self, monkeypatch, fail: bool = False):
+        self.builds, self.loads, self.fail = [], [], fail
+        from torch.utils import cpp_extension
+
+        monkeypatch.setattr(cpp_extension, "load", self.load)
+        monkeypatch.setattr(torch.ops, "load_library", self.loads.append)
+
+    def load(self, name, sources, build_directory, **kw):
+        self.builds.append({"name": name, "sources": sources, "dir": build_directory, **kw})
+        if self.fail:
+            raise RuntimeError("Error building extension 'fishkern_C': c++: not found")
+        open(os.path.join(build_directory, f"{name}.so"), "w").close()
+
+
+def _write_info(here, torch_version):
+    cfg.write_build_info(os.path.join(here, cfg.BUILD_INFO_FILE), {"torch": torch_version})
+
+
+def test_a_library_for_this_torch_is_used(pkg, monkeypatch):
+    fake = FakeCompiler(monkeypatch)
+    (pkg / "_C.so").write_bytes(b"")
+    _write_info(pkg, torch.__version__)
+    info = _native.native_info()
+    assert info.available and info.how == "built at install" and info.path == str(pkg / "_C.so")
+    assert fake.loads == [str(pkg / "_C.so")] and fake.builds == []
+
+
+def test_a_library_for_another_torch_is_never_loaded_and_is_rebuilt(pkg, monkeypatch, capsys):
+    fake = FakeCompiler(monkeypatch)
+    (pkg / "_C.so").write_bytes(b"")
+    _write_info(pkg, "1.0.0+another")
+    info = _native.native_info()
+    assert str(pkg / "_C.so") not in fake.loads  # a mismatched ABI can crash: not even tried
+    assert info.available and info.how == "first-use build" and len(fake.builds) == 1
+    b = fake.builds[0]
+    assert b["is_python_module"] is False and b["dir"].startswith(os.environ["FISHKERN_CACHE_DIR"])
+    assert torch.__version__.replace("+", "_") in b["dir"]  # cached per torch version
+    names = [os.path.basename(s) for s in b["sources"]]
+    assert set(cfg.CPU_SOURCES) <= set(names)
+    err = capsys.readouterr().err
+    assert "compiling the native extension" in err and "first use only" in err and "cached in" in err
+    assert "built in" in err
+    recorded = cfg.read_build_info(os.path.join(b["dir"], cfg.BUILD_INFO_FILE))
+    assert recorded["torch"] == torch.__version__ and recorded["how"] == "first use"
+
+
+def test_the_first_use_build_is_cached(pkg, monkeypatch, capsys):
+    fake = FakeCompiler(monkeypatch)
+    assert _native.native_info().how == "first-use build"
+    _native.native_info.cache_clear()  # a new process
+    info = _native.native_info()
+    assert info.available and info.how == "first-use build (cached)"
+    assert len(fake.builds) == 1 and fake.loads == [info.path]
+
+
+def test_a_library_without_build_info_is_tried_then_rebuilt_if_it_fails(pkg, monkeypatch):
+    fake = FakeCompiler(monkeypatch)
+    (pkg / "_C.so").write_bytes(b"")
+
+    def load_library(path):
+        if path == str(pkg / "_C.so"):
+            raise OSError("undefined symbol: _ZN3c10...")
+        fake.loads.append(path)
+
+    monkeypatch.setattr(torch.ops, "load_library", load_library)
+    info = _native.native_info()
+    assert info.available and info.how == "first-use build" and len(fake.builds) == 1
+
+
+def test_switches_and_failures_give_a_reason_not_a_crash(pkg, monkeypatch):
+    FakeCompiler(monkeypatch)
+    monkeypatch.setenv("FISHKERN_NO_NATIVE", "1")
+    assert _native.native_info().reason == "FISHKERN_NO_NATIVE is set" and not _native.native_available()
+    monkeypatch.delenv("FISHKERN_NO_NATIVE")
+    _native.native_info.cache_clear()
+    monkeypatch.setenv("FISHKERN_NO_JIT", "1")
+    info = _native.native_info()
+    assert not info.available and "FISHKERN_NO_JIT" in info.reason and "no library was built" in info.reason
+    with pytest.raises(_native.NativeExtensionMissing, match="FISHKERN_NO_JIT"):
+        _native.require_native("the masked gather/scatter")
+    monkeypatch.delenv("FISHKERN_NO_JIT")
+    _native.native_info.cache_clear()
+    FakeCompiler(monkeypatch, fail=True)
+    info = _native.native_info()
+    assert not info.available and "first-use build failed" in info.reason and "c++: not found" in info.reason
+
+
+def test_no_sources_means_no_build(pkg, monkeypatch):
+    FakeCompiler(monkeypatch)
+    monkeypatch.setattr(_native, "csrc_dir", lambda: None)
+    info = _native.native_info()
+    assert not info.available and "sources" in info.reason
+
+
+def test_the_sources_ship_with_the_package():
+    # in a checkout csrc/ sits beside the package; an installed wheel has them as fishkern/_csrc
+    src = _native.csrc_dir()
+    assert src is not None
+    assert all(os.path.exists(os.path.join(src, n)) for n in cfg.CPU_SOURCES + cfg.CUDA_SOURCES + cfg.HEADERS)
+
+
+def test_global_topk_falls_back_to_the_exact_torch_selection(pkg, monkeypatch):
+    from fishkern.topk import global_topk, global_topk_reference
+    from fishkern.topk import ops
+
+    monkeypatch.setenv("FISHKERN_NO_NATIVE", "1")
+    monkeypatch.setattr(_native, "_WARNED", set())
+    scores = [torch.randn(40), torch.tensor([1.0, 1.0, 1.0]), torch.randn(3, 7)]
+    with pytest.warns(RuntimeWarning, match="global_topk runs its plain-PyTorch path.*FISHKERN_NO_NATIVE"):
+        got = global_topk(scores, 9)
+    assert all(torch.equal(a, b) for a, b in zip(got, global_topk_reference(scores, 9)))
+    with pytest.raises(_native.NativeExtensionMissing, match="no native kernel"):
+        global_topk(scores, 9, backend="native")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        global_topk(scores, 9, backend="cuda")
+    assert ops.BACKENDS == ("auto", "native", "torch")
+
+
+_LOCK_WORKER = textwrap.dedent("""
+    import json, os, sys, time
+    sys.path.insert(0, {root!r})
+    from fishkern import _native
+    with _native._build_lock({directory!r}):
+        start = time.time()
+        time.sleep(0.6)
+        end = time.time()
+    print(json.dumps([start, end]))
+""")
+
+
+def test_two_processes_never_build_at_once(tmp_path):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    directory = str(tmp_path / "build")
+    code = _LOCK_WORKER.format(root=root, directory=directory)
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    (s1, e1), (s2, e2) = sorted(json.loads(o.strip().splitlines()[-1]) for o, _ in outs)
+    assert e1 <= s2, "the two builds overlapped"
+    assert any("waiting for it" in err for _, err in outs)  # the second one said why it waits
+
+
+def test_a_stale_torch_baton_is_cleared_under_the_lock(tmp_path):
+    # cpp_extension's own 'lock' file, left by a killed build, would make the next build wait forever
+    directory = tmp_path / "build"
+    directory.mkdir()
+    (directory / "lock").write_text("")
+    with _native._build_lock(str(directory)):
+        assert not (directory / "lock").exists()
+    t0 = time.time()
+    with _native._build_lock(str(directory)):  # released: taken again at once
+        pass
+    assert time.time() - t0 < 30
