@@ -140,6 +140,13 @@ def build_parser() -> argparse.ArgumentParser:
     from .runners import cifar
 
     cifar.add_parser(sub, _add_common)
+
+    from . import env
+
+    envp = sub.add_parser("env", help="versions, GPUs, native ops and backends: what a bug report needs",
+                          description=env.__doc__.split("\n\n")[0])
+    env.add_arguments(envp)
+    envp.set_defaults(run=env.run, no_progress=True, device=None)
     return parser
 
 

@@ -12,8 +12,10 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 
 if ! "$PY" -c "import torch" >/dev/null 2>&1; then
+    echo "installing torch 2.13.0 (no torch was installed)" >&2
     "$PY" -m pip install --quiet "torch==2.13.0"
 fi
 "$PY" -m pip install --quiet "setuptools>=64" wheel ninja
+echo "installing fishkern and its demo extra; this compiles the native extension (csrc/) against torch $("$PY" -c 'import torch; print(torch.__version__)'): about a minute, longer with CUDA" >&2
 "$PY" -m pip install --quiet --no-build-isolation -e ".[demo]"
 exec "$PY" -m fishkern demo "$@"

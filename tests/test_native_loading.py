@@ -191,3 +191,24 @@ def test_a_stale_torch_baton_is_cleared_under_the_lock(tmp_path):
     with _native._build_lock(str(directory)):  # released: taken again at once
         pass
     assert time.time() - t0 < 30
+
+
+def test_env_report_says_what_a_bug_report_needs():
+    out = subprocess.run([sys.executable, "-m", "fishkern.env", "--json"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    r = json.loads(out.stdout)
+    assert r["torch"]["version"] == torch.__version__ and r["torch"]["cuda"] == torch.version.cuda
+    assert set(r["packages"]) >= {"torch", "triton", "numpy", "safetensors", "transformers"}
+    assert r["build_plan"]["kind"] in ("CPU", "CPU + CUDA") and r["build_plan"]["notes"]
+    assert {"global_topk", "masked optimizer step", "Fisher sequence-Linear kernel"} <= set(r["backends"])
+    assert r["native"]["how"] in ("built at install", "first-use build", "first-use build (cached)", "not loaded", "none")
+    if r["native"].get("available"):
+        assert r["native_ops"]["topk_select[CPU]"] and r["native_ops"]["gather_masked[CPU]"]
+
+
+def test_env_subcommand_of_the_cli(capsys):
+    from fishkern.cli import main
+
+    assert main(["env"]) == 0
+    text = capsys.readouterr().out
+    assert f"torch {torch.__version__}" in text and "native extension:" in text and "backends:" in text
