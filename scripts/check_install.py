@@ -17,6 +17,7 @@ import time
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--expect", default=None, help="how the native extension must have been obtained")
+    ap.add_argument("--cuda-kernels", action="store_true", help="the library must hold the CUDA top-k kernel")
     ap.add_argument("--not-from", default=None, help="a directory the package must not be imported from")
     args = ap.parse_args()
 
@@ -46,6 +47,9 @@ def main() -> int:
             sys.exit(f"check_install: no native extension: {info.reason}")
         if args.expect and info.how != args.expect:
             sys.exit(f"check_install: the native extension was obtained by {info.how!r}, expected {args.expect!r}")
+
+    if args.cuda_kernels and not torch._C._dispatch_has_kernel_for_dispatch_key("fishkern::topk_select", "CUDA"):
+        sys.exit("check_install: the CUDA kernels were not built")
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 3))

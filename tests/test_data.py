@@ -320,7 +320,7 @@ def test_tokenize_errors(tmp_path, tokenizer):
     ds = datasets.DatasetDict({"train": datasets.Dataset.from_list([{"sentence": "x", "label": 1}])})
     with pytest.raises(ValueError, match=r"lacks column\(s\) premise, hypothesis"):
         tokenize_glue(ds, tokenizer, "mnli")
-    with pytest.raises(TypeError, match="DatasetDict or Dataset"):
+    with pytest.raises(ValueError, match="DatasetDict or Dataset"):  # user input: a one-line CLI error
         tokenize_glue({"train": []}, tokenizer, "sst2")
     single = tokenize_glue(ds["train"], tokenizer, "sst2")
     assert single["labels"] == [1]
