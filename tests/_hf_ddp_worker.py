@@ -8,6 +8,7 @@ sequentially, so one process and W processes see the same samples in every step.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -47,17 +48,26 @@ def main() -> None:
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2)
     base = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer_cls, sequential = FishTrainer, {"train_sampling_strategy": "sequential"}
+    if "train_sampling_strategy" not in {f.name for f in dataclasses.fields(TrainingArguments)}:  # transformers 4.x
+        sequential = {}
+
+        class SequentialFishTrainer(FishTrainer):
+            def _get_train_sampler(self, *a, **k):
+                return torch.utils.data.SequentialSampler(self.train_dataset)
+
+        trainer_cls = SequentialFishTrainer
     args = TrainingArguments(
         output_dir=os.path.join(out, "trainer"), per_device_train_batch_size=GLOBAL_BATCH // world,
         num_train_epochs=2, learning_rate=float(os.environ.get("LR", "1e-3")), weight_decay=0.0, lr_scheduler_type="constant",
-        train_sampling_strategy="sequential", save_strategy="steps", save_steps=2, logging_strategy="no",
+        **sequential, save_strategy="steps", save_steps=2, logging_strategy="no",
         report_to=[], use_cpu=True, seed=0, disable_tqdm=True, dataloader_num_workers=0, max_grad_norm=1.0,
         # transformers multiplies the loss by the number of processes for models whose forward takes
         # **kwargs, expecting a loss normalised by the global token count; a classifier's mean loss is
         # not, so that would double the gradient with 2 processes (dense Trainer runs too)
         average_tokens_across_devices=False,
     )
-    trainer = FishTrainer(model=model, args=args, train_dataset=Texts(tok, data["texts"], data["labels"]),
+    trainer = trainer_cls(model=model, args=args, train_dataset=Texts(tok, data["texts"], data["labels"]),
                           fish_density=0.02, fish_num_samples=16)
     trainer.train()
     written = trainer.save_task_file(os.path.join(out, "task.safetensors"), base)

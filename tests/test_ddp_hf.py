@@ -17,6 +17,7 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
 from fishkern.diff import SparseDiff  # noqa: E402
+from fishkern.integrations import load_task_file  # noqa: E402
 
 WORKER = Path(__file__).with_name("_hf_ddp_worker.py")
 ROOT = Path(__file__).resolve().parent.parent
@@ -80,14 +81,21 @@ def test_only_the_masked_entries_are_all_reduced(runs, launcher):
 
 
 @pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
-def test_task_file_and_checkpoints_written_once_by_the_main_process(runs, launcher):
+def test_task_file_and_checkpoints_written_once_by_the_main_process(inputs, runs, launcher):
     ranks, out = runs[launcher]
     assert ranks[0]["task_bytes"] > 0 and ranks[1]["task_bytes"] == 0
     diff = SparseDiff.load(out / "task.safetensors")
     assert diff.k == ranks[0]["k"]
     ckpts = sorted((out / "trainer").glob("checkpoint-*"))
     assert [c.name for c in ckpts] == ["checkpoint-2", "checkpoint-4", "checkpoint-6", "checkpoint-8"]
-    for c in ckpts:
-        assert (c / "fish_mask.safetensors").is_file()
+    for c in ckpts:  # sparse: the mask, the k trained values and the k-sized optimizer state, no dense model
+        assert (c / "fish_mask.safetensors").is_file() and (c / "fish_model.safetensors").is_file()
+        assert (c / "optimizer.pt").is_file() and not (c / "model.safetensors").exists()
+    # the last checkpoint holds the final parameters of the run
+    torch.manual_seed(1)
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(str(inputs / "model"), num_labels=2)
+    load_task_file(ckpts[-1] / "fish_model.safetensors", model)
+    for n, p in model.named_parameters():
+        assert torch.equal(p, ranks[0]["final"][n]), n
     leftovers = [p.name for p in out.rglob("*") if ".tmp" in p.name]
     assert leftovers == []

@@ -80,10 +80,11 @@ def test_sparse_gradient_is_refused():
 def test_triton_request_without_a_usable_device(param, monkeypatch):
     """Refused at construction (it used to be accepted and fail at the first step()), saying where
     the parameters are, what is missing, and what to use instead."""
-    from fishkern.ops._triton import triton_installed
+    from fishkern.ops._triton import triton_status, triton_supported
 
-    if not triton_installed():
-        pytest.skip("triton is not installed: the request is refused for that reason (tested elsewhere)")
+    if not triton_supported():
+        # refused for that reason instead: test_user_optim.test_triton_not_installed_names_the_alternatives
+        pytest.skip(f"{triton_status()}: the request is refused for that reason")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     for cls in (MaskedAdamW, MaskedSGD):
         with pytest.raises(RuntimeError, match=r"parameters are on cpu.*Triton kernels need CUDA tensors.*implementation='auto' or 'torch'.*TRITON_INTERPRET=1"):

@@ -5,30 +5,85 @@ Two ways in:
 - `FishTrainer`, a `transformers.Trainer` whose optimizer is MaskedAdamW over a FISH mask computed
   from the training set at the start of `train()` (the new head forced in). The learning-rate
   scheduler, logging, evaluation and checkpoint machinery stay the Trainer's. Gradient clipping
-  (`max_grad_norm`) is applied to the trained entries only, as if the model were only those, and
-  the mask is saved in every checkpoint so that training resumes on it.
+  (`max_grad_norm`) is applied to the trained entries only, as if the model were only those.
+  Its checkpoints are sparse (see "Checkpoints" below) and training resumes from them bit-identically.
 - In a hand-written loop: `fish_mask_for(model, batches, density, num_samples)` gives the mask;
   `fishkern.MaskedAdamW(model.named_parameters(), mask, ...)` trains it; `opt.clip_grad_norm_` clips.
 
 Either way, `save_task_file` writes the trained entries as a small sparse diff and `load_task_file`
 puts them back onto the base model, for the same predictions.
+
+Checkpoints
+-----------
+Each `checkpoint-N/` of a FishTrainer holds, instead of the dense `model.safetensors` (and the
+config and tokenizer files, which training does not change):
+
+- `fish_model.safetensors`: a task file (`SparseDiff`, checksummed; `load_task_file` reads it) with
+  the k trained values as deltas from the weights training started from, the head stored whole, and
+  the sha256 of those weights with the head zeroed, i.e. of the pretrained model: resuming onto
+  another base model is refused (`BaseMismatchError`, the model unchanged);
+- `fish_mask.safetensors`: the mask;
+- what the Trainer writes itself: `optimizer.pt` (MaskedAdamW's state, k-sized), `scheduler.pt`,
+  `rng_state.pth`, `trainer_state.json`, `training_args.bin`; `save_only_model=True` skips the
+  first three, as for the Trainer; `save_total_limit` rotation deletes whole checkpoint
+  directories (each checkpoint stands alone on the base: no chain).
+
+`train(resume_from_checkpoint=...)` puts the trained values back onto the model given to the
+trainer, which must be the base (a fresh `from_pretrained`; the randomly initialised head does not
+matter), or onto the same trainer's model; `load_best_model_at_end=True` loads the best
+checkpoint's values the same way. A save holds one temporary CPU copy of the parameters that have
+trained entries. Parameters outside the mask or buffers that changed since training started
+cannot be held by a sparse checkpoint: that save is an error. `fish_sparse_checkpoints=False`
+gives the Trainer's dense checkpoints (plus the mask). The model that `trainer.save_model()` writes
+at the end is dense, as with the Trainer.
+
+The Trainer's hooks FishTrainer depends on
+------------------------------------------
+Public methods overridden: `create_optimizer()`, `train(resume_from_checkpoint, ...)`; public
+methods used: `get_train_dataloader()`, `get_decay_parameter_names(model)`, the callback events
+`on_train_begin`, `on_pre_optimizer_step`, `on_save`, `on_train_end`. Private hooks overridden:
+
+- `_save_checkpoint(model, trial)`: wrapped; while it runs, the Trainer's
+  `save_model(output_dir, _internal_call=True)` call writes the sparse model and the mask;
+- `save_model(output_dir, _internal_call)`: overridden, changed only inside `_save_checkpoint`;
+- `_load_from_checkpoint(resume_from_checkpoint, model)`: loads a sparse checkpoint (a dense one
+  goes to the Trainer's);
+- `_load_best_model()`: the same for `load_best_model_at_end`.
+
+Relied on: the Trainer clips with `self.accelerator.clip_grad_norm_(model.parameters(), max_norm)`
+(inline in transformers 4.x, inside `_clip_grad_norm` / `_get_grad_norm` in 5.x). FishTrainer routes
+that call, for the model's parameters, to `MaskedAdamW.clip_grad_norm_` (with `free_dense_grads` the
+dense gradients are gone; without it a dense clip would count the untrained entries).
+
+Checked: building `FishTrainer` fails with an `ImportError` naming the hook when the installed
+transformers lacks one of these methods or its parameters; and during training, a step in which
+the Trainer did not call the clipping (with `max_grad_norm > 0`), a checkpoint saved without
+`_save_checkpoint` → `save_model`, a resume or a best-model load that did not go through
+`_load_from_checkpoint` / `_load_best_model` are errors (`RuntimeError`) rather than silently
+dense, unclipped or not loaded. Tested with transformers 4.57.6 and 5.24.0.
 """
 from __future__ import annotations
 
+import inspect
 import os
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.nn as nn
 
-from ..diff import SparseDiff
+from ..diff import BaseMismatchError, SparseDiff, content_hash
+from ..diff._io import cpu_copy, gather_flat, scatter_flat_
 from ..fisher import fisher_mask
 from ..mask import FishMask
 from ..mask.heads import DEFAULT_HEADS, head_names  # noqa: F401 (re-exported)
 from ..optim import MaskedAdamW
 
 FISH_MASK_FILE = "fish_mask.safetensors"  # saved in every Trainer checkpoint
+FISH_MODEL_FILE = "fish_model.safetensors"  # the sparse model of a Trainer checkpoint (a task file)
+TRAINING_ARGS_FILE = "training_args.bin"  # the Trainer's name for it (TRAINING_ARGS_NAME)
+TESTED_TRANSFORMERS = ("4.57.6", "5.24.0")
 
 
 def fish_mask_for(
@@ -46,17 +101,70 @@ def fish_mask_for(
 
 
 # ----------------------------------------------------------------------------------- Trainer
+# (name, parameters FishTrainer calls or receives): see "The Trainer's hooks" in the module docstring
+TRAINER_HOOKS = (
+    ("create_optimizer", ()),
+    ("train", ("resume_from_checkpoint",)),
+    ("get_train_dataloader", ()),
+    ("get_decay_parameter_names", ("model",)),
+    ("_save_checkpoint", ("model", "trial")),
+    ("save_model", ("output_dir", "_internal_call")),
+    ("_load_from_checkpoint", ("resume_from_checkpoint", "model")),
+    ("_load_best_model", ()),
+)
+CALLBACK_EVENTS = ("on_train_begin", "on_pre_optimizer_step", "on_save", "on_train_end")
+
+
 def _trainer_base():
     from transformers import Trainer
 
     return Trainer
 
 
+def check_trainer_hooks(trainer_cls: type, callback_cls: type | None = None, version: str | None = None) -> None:
+    """Raise ImportError naming the first Trainer method (or parameter, or callback event) that
+    FishTrainer depends on and `trainer_cls` lacks: a transformers FishTrainer was not made for."""
+    if version is None:
+        import transformers
+
+        version = transformers.__version__
+    tested = f"FishTrainer is tested with transformers {' and '.join(TESTED_TRANSFORMERS)}"
+    for name, params in TRAINER_HOOKS:
+        fn = getattr(trainer_cls, name, None)
+        if not callable(fn):
+            raise ImportError(
+                f"FishTrainer overrides or calls Trainer.{name}({', '.join(params)}), which transformers {version} "
+                f"does not have ({tested})"
+            )
+        try:
+            have = inspect.signature(fn).parameters
+        except (TypeError, ValueError):  # no signature to check
+            continue
+        missing = [p for p in params if p not in have]
+        if missing:
+            raise ImportError(
+                f"FishTrainer calls Trainer.{name} with the parameter {missing[0]!r}, which Trainer.{name} of "
+                f"transformers {version} does not take ({tested})"
+            )
+    if callback_cls is not None:
+        for event in CALLBACK_EVENTS:
+            if not callable(getattr(callback_cls, event, None)):
+                raise ImportError(
+                    f"FishTrainer needs the TrainerCallback event {event}, which transformers {version} does not "
+                    f"have ({tested})"
+                )
+
+
+def _save_strategy(args) -> str:
+    s = args.save_strategy
+    return str(getattr(s, "value", s))
+
+
 class _FishTrainerMixin:
     """Methods shared by FishTrainer (kept apart so the class can be built lazily)."""
 
     def _init_fish(self, fish_density, fish_num_samples, fish_mask, fish_head, fish_free_dense_grads, fish_kind,
-                   fish_comm_hook, fish_comm_dtype):
+                   fish_comm_hook, fish_comm_dtype, fish_sparse_checkpoints):
         if fish_mask is None and not (0.0 < fish_density <= 1.0):
             raise ValueError(f"fish_density must be in (0, 1], got {fish_density!r}")
         if fish_comm_dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
@@ -69,8 +177,15 @@ class _FishTrainerMixin:
         self.fish_kind = fish_kind
         self.fish_comm_hook = fish_comm_hook
         self.fish_comm_dtype = fish_comm_dtype
+        self.fish_sparse_checkpoints = bool(fish_sparse_checkpoints)
         self.fish_comm_state = None  # the masked DDP hook's state (byte counters) once training runs under DDP
-        self.add_callback(_distributed_callback(self))
+        self._fish_base = None  # the weights training started from, at the mask's entries (see _fish_record_base)
+        self._fish_in_checkpoint = False  # inside Trainer._save_checkpoint
+        self._fish_saved_step = None  # global step of the last checkpoint written through save_model
+        self._fish_clip_calls = 0  # routed clipping calls since the last optimizer step
+        self._fish_resume_pending = None  # a sparse checkpoint that _load_from_checkpoint has to load
+        self._fish_best_loaded = None
+        self.add_callback(_fish_callback(self))
 
     def _multi_process(self) -> bool:
         import torch.distributed as dist
@@ -150,18 +265,191 @@ class _FishTrainerMixin:
             opt = opt.optimizer  # accelerate's AcceleratedOptimizer wraps ours
         return opt
 
-    def _clip_grad_norm(self, model):
-        """The Trainer's clipping, applied to the trained entries only (with free_dense_grads the
-        dense .grad is None): clip as if the model were only those entries."""
-        return self._masked_optimizer().clip_grad_norm_(self.args.max_grad_norm)
+    # ------------------------------------------------------------------ clipping
+    def _route_clipping(self) -> None:
+        """Make the Trainer's `accelerator.clip_grad_norm_(model.parameters(), max_norm)` clip the
+        trained entries (MaskedAdamW.clip_grad_norm_); any other call goes to accelerate unchanged.
+        Done when training starts: the Trainer re-creates its accelerator in hyper-parameter search."""
+        acc = self.accelerator
+        original = getattr(acc, "clip_grad_norm_", None)
+        if original is None:
+            raise ImportError("FishTrainer routes the Trainer's accelerator.clip_grad_norm_ call, but this accelerate has none")
+        if getattr(original, "_fishkern_route", False):
+            return
+        trainer_ref = weakref.ref(self)  # the accelerator must not keep the trainer alive
 
-    def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
-        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+        def clip_grad_norm_(parameters, max_norm, norm_type=2, *args, **kwargs):
+            params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
+            trainer = trainer_ref()
+            opt = trainer._masked_optimizer() if trainer is not None and trainer.optimizer is not None else None
+            if isinstance(opt, MaskedAdamW):
+                mine = {id(p) for g in opt.param_groups for p in g["params"]}
+                if {id(p) for p in params} == mine:
+                    trainer._fish_clip_calls += 1
+                    return opt.clip_grad_norm_(max_norm, norm_type)
+            return original(params, max_norm, norm_type, *args, **kwargs)
 
-        folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-        if self.fish_mask is not None and self.args.should_save and os.path.isdir(folder):  # the main process only
-            self.fish_mask.save(os.path.join(folder, FISH_MASK_FILE), overwrite=True)
+        clip_grad_norm_._fishkern_route = True
+        acc.clip_grad_norm_ = clip_grad_norm_
+
+    # ------------------------------------------------------------------ the base
+    def _fish_has_base(self) -> bool:
+        b = self._fish_base
+        return b is not None and b["model"]() is self.model and self.fish_mask is not None and b["digest"] == self.fish_mask.digest
+
+    @torch.no_grad()
+    def _fish_record_base(self, content: bool = True) -> dict[str, Any]:
+        """The weights training starts from, in k values: the model's values at the mask's entries
+        (zeros for the head, which is new at fine-tuning), and the sha256 of the whole model with the
+        head zeroed (the pretrained weights: what a sparse checkpoint must be loaded onto)."""
+        mask = self.fish_mask
+        params = dict(self.model.named_parameters())
+        head = set(mask.forced)
+        for n in head:
+            if mask.k_of(n) != params[n].numel():
+                raise ValueError(
+                    f"the mask forces {n!r} in but holds {mask.k_of(n)} of its {params[n].numel()} entries; sparse "
+                    "checkpoints store forced parameters whole (pass fish_sparse_checkpoints=False)"
+                )
+        entries = {
+            n: torch.zeros(int(i.numel()), dtype=params[n].dtype) if n in head else gather_flat(params[n], i).cpu()
+            for n, i in mask.indices.items()
+        }
+        canonical = {n: torch.zeros(p.shape, dtype=p.dtype) if n in head else p.detach() for n, p in params.items()}
+        return {
+            "model": weakref.ref(self.model),
+            "digest": mask.digest,
+            "entries": entries,
+            "content_sha256": content_hash(canonical) if content else None,
+            "buffers_sha256": content_hash(dict(self.model.named_buffers())),
+        }
+
+    @torch.no_grad()
+    def _fish_write_entries(self, values: Mapping[str, torch.Tensor]) -> None:
+        params = dict(self.model.named_parameters())
+        for n, v in values.items():
+            scatter_flat_(params[n], self.fish_mask.indices[n], v)
+
+    # ------------------------------------------------------------------ saving
+    def _save_checkpoint(self, model, trial, *args, **kwargs):
+        """The Trainer's checkpoint (optimizer, scheduler, RNG, trainer state, rotation), with the
+        model written by `save_model` below as a sparse diff and the mask."""
+        self._fish_in_checkpoint = True
+        try:
+            return super()._save_checkpoint(model, trial, *args, **kwargs)
+        finally:
+            self._fish_in_checkpoint = False
+
+    def save_model(self, output_dir=None, _internal_call=False, *args, **kwargs):
+        """As Trainer.save_model (dense) — except when the Trainer calls it to write a checkpoint:
+        then the sparse model (FISH_MODEL_FILE) and the mask are written instead."""
+        if not self._fish_in_checkpoint:
+            return super().save_model(output_dir, _internal_call, *args, **kwargs)
+        self._fish_saved_step = self.state.global_step
+        if not self.fish_sparse_checkpoints:
+            super().save_model(output_dir, _internal_call, *args, **kwargs)
+        if not self.args.should_save:  # the main process writes (the Trainer's rule)
+            return None
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        os.makedirs(output_dir, exist_ok=True)
+        if self.fish_sparse_checkpoints:
+            self._checkpoint_diff().save(os.path.join(output_dir, FISH_MODEL_FILE), overwrite=True)
+            torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_FILE))
+        if self.fish_mask is not None:
+            self.fish_mask.save(os.path.join(output_dir, FISH_MASK_FILE), overwrite=True)
+        return None
+
+    @torch.no_grad()
+    def _checkpoint_diff(self) -> SparseDiff:
+        """The model as a task file relative to the weights training started from."""
+        if not self._fish_has_base():
+            raise RuntimeError(
+                "FishTrainer: no record of the weights training started from (the mask or the model was replaced "
+                "after train() began); pass fish_sparse_checkpoints=False for dense checkpoints"
+            )
+        rec, mask = self._fish_base, self.fish_mask
+        params = dict(self.model.named_parameters())
+        head = set(mask.forced)
+        base = {}
+        for n, p in params.items():
+            if n in head:
+                base[n] = torch.zeros(p.shape, dtype=p.dtype)
+            elif mask.k_of(n):
+                base[n] = cpu_copy(p)
+                scatter_flat_(base[n], mask.indices[n], rec["entries"][n])
+            else:
+                base[n] = p.detach()  # never trained: the base itself
+        tuned = {n: p.detach() for n, p in params.items()}
+        diff = SparseDiff.from_models(
+            base, tuned, mask, kind="delta", content_hash=True, check_outside_mask=False, step=self.state.global_step,
+            extra={"fishkern_task_file": 1, "head": list(mask.forced), "fishkern_trainer_checkpoint": 1},
+        )
+        if diff.base["content_sha256"] != rec["content_sha256"]:
+            raise RuntimeError(
+                f"FishTrainer: at step {self.state.global_step} the model differs from the weights training started "
+                "from at entries outside the FISH mask (something other than the optimizer changed them), which a "
+                "sparse checkpoint cannot hold; pass fish_sparse_checkpoints=False for dense checkpoints"
+            )
+        if content_hash(dict(self.model.named_buffers())) != rec["buffers_sha256"]:
+            raise RuntimeError(
+                f"FishTrainer: at step {self.state.global_step} the model's buffers (e.g. BatchNorm statistics) differ "
+                "from those at the start of training, which a sparse checkpoint cannot hold; pass "
+                "fish_sparse_checkpoints=False for dense checkpoints"
+            )
+        return diff
+
+    # ------------------------------------------------------------------ loading
+    @torch.no_grad()
+    def _fish_load_sparse(self, folder: str, what: str) -> None:
+        """Put a sparse checkpoint's values onto the model: the base's values (recorded, or the
+        model's own if it is the base) at the mask's entries, then the diff, verified against the
+        base's hash. On any error the model is left as it was."""
+        path = os.path.join(folder, FISH_MODEL_FILE)
+        diff = SparseDiff.load(path)
+        mask = self.fish_mask
+        if diff.mask_digest != mask.digest:
+            raise ValueError(
+                f"{path} was saved with another FISH mask (digest {str(diff.mask_digest)[:16]}…) than this trainer's "
+                f"({mask.digest[:16]}…)"
+            )
+        params = dict(self.model.named_parameters())
+        current = {n: gather_flat(params[n], i).cpu() for n, i in mask.indices.items()}
+        fresh = not self._fish_has_base()
+        rec = self._fish_record_base(content=False) if fresh else self._fish_base
+        try:
+            self._fish_write_entries(rec["entries"])
+            diff.apply_(self.model, verify="full", mask=mask)
+        except BaseMismatchError as e:
+            self._fish_write_entries(current)
+            raise BaseMismatchError(
+                f"cannot {what} {folder}: {e}. A FishTrainer checkpoint holds the trained entries only and loads onto "
+                "the model training started from (the same pretrained weights; the head may differ); this model is "
+                "another one"
+            ) from None
+        except BaseException:
+            self._fish_write_entries(current)
+            raise
+        if fresh:
+            rec["content_sha256"] = diff.base["content_sha256"]  # verified by apply_
+            self._fish_base = rec
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None, *args, **kwargs):
+        self._fish_resume_pending = None
+        if os.path.isfile(os.path.join(resume_from_checkpoint, FISH_MODEL_FILE)):
+            if model is not None and model is not self.model:
+                raise ValueError("a sparse FishTrainer checkpoint cannot be loaded into a wrapped (FSDP/SageMaker) model")
+            return self._fish_load_sparse(resume_from_checkpoint, "resume from")
+        if self.fish_sparse_checkpoints and self.fish_mask is not None and not self._fish_has_base():
+            self._fish_base = self._fish_record_base()  # before the dense weights replace the base
+        return super()._load_from_checkpoint(resume_from_checkpoint, model, *args, **kwargs)
+
+    def _load_best_model(self, *args, **kwargs):
+        best = self.state.best_model_checkpoint
+        if self.fish_mask is not None and best and os.path.isfile(os.path.join(best, FISH_MODEL_FILE)):
+            self._fish_load_sparse(best, "load the best model from")
+            self._fish_best_loaded = best
+            return None
+        return super()._load_best_model(*args, **kwargs)
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         """As Trainer.train; resuming reads the FISH mask saved with the checkpoint (a mask
@@ -178,7 +466,27 @@ class _FishTrainerMixin:
                     f"{mask_file} not found: the checkpoint was not written by FishTrainer; pass fish_mask= to resume"
                 )
             self.fish_mask = FishMask.load(mask_file)
+        if isinstance(path, (str, os.PathLike)) and os.path.isfile(os.path.join(path, FISH_MODEL_FILE)):
+            self._fish_resume_pending = os.fspath(path)
         return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _fish_train_begin(self) -> None:
+        """on_train_begin: the optimizer exists, the model is wrapped, nothing has been stepped."""
+        if self._fish_resume_pending is not None:
+            raise RuntimeError(
+                f"FishTrainer: the Trainer resumed from {self._fish_resume_pending} without calling "
+                "Trainer._load_from_checkpoint, so its sparse model was not loaded; this transformers version is not "
+                f"supported (tested: {', '.join(TESTED_TRANSFORMERS)})"
+            )
+        if self.fish_sparse_checkpoints and _save_strategy(self.args) != "no":
+            if getattr(self, "is_deepspeed_enabled", False) or getattr(self, "is_fsdp_enabled", False):
+                raise ValueError("FishTrainer's sparse checkpoints need an unsharded model: pass "
+                                 "fish_sparse_checkpoints=False under DeepSpeed or FSDP")
+            if self.fish_mask is not None and not self._fish_has_base():
+                self._fish_base = self._fish_record_base()
+        self._setup_ddp()
+        self._route_clipping()
+        self._fish_clip_calls = 0
 
     def save_task_file(self, path: str | os.PathLike, base, *, overwrite: bool = False) -> int:
         """Write the task file (see ``save_task_file``); with several processes only the main one
@@ -198,16 +506,52 @@ class _FishTrainerMixin:
         return written
 
 
-def _distributed_callback(trainer):
-    """A TrainerCallback whose on_train_begin — after the Trainer has built the optimizer and
-    wrapped the model (DDP) — sets up the masked gradient all-reduce."""
+def _fish_callback(trainer):
+    """A TrainerCallback for what FishTrainer does at the Trainer's events, and its checks that the
+    Trainer's hooks were called (see the module docstring). Holds the trainer weakly."""
     from transformers import TrainerCallback
 
-    class FishDistributedCallback(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kwargs):
-            trainer._setup_ddp()
+    ref = weakref.ref(trainer)
+    unsupported = f"this transformers version is not supported (tested: {', '.join(TESTED_TRANSFORMERS)})"
 
-    return FishDistributedCallback()
+    class FishTrainerCallback(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            t = ref()
+            if t is not None:
+                t._fish_train_begin()
+
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            t = ref()
+            if t is None:
+                return
+            calls, t._fish_clip_calls = t._fish_clip_calls, 0
+            if args.max_grad_norm is not None and args.max_grad_norm > 0 and calls == 0:
+                raise RuntimeError(
+                    f"FishTrainer: max_grad_norm={args.max_grad_norm} but the Trainer did not clip through "
+                    "accelerator.clip_grad_norm_(model.parameters(), ...) before this optimizer step, so the trained "
+                    f"entries would not be clipped; {unsupported}"
+                )
+
+        def on_save(self, args, state, control, **kwargs):
+            t = ref()
+            if t is not None and t._fish_saved_step != state.global_step:
+                raise RuntimeError(
+                    f"FishTrainer: the Trainer wrote checkpoint-{state.global_step} without calling "
+                    "Trainer._save_checkpoint -> save_model(output_dir, _internal_call=True), so it holds neither the "
+                    f"sparse model nor the FISH mask; {unsupported}"
+                )
+
+        def on_train_end(self, args, state, control, **kwargs):
+            t = ref()
+            best = state.best_model_checkpoint
+            if (t is not None and args.load_best_model_at_end and best and t._fish_best_loaded != best
+                    and os.path.isfile(os.path.join(best, FISH_MODEL_FILE))):
+                raise RuntimeError(
+                    f"FishTrainer: load_best_model_at_end=True but the Trainer did not call Trainer._load_best_model, "
+                    f"so the best checkpoint {best} was not loaded; {unsupported}"
+                )
+
+    return FishTrainerCallback()
 
 
 _FISH_TRAINER = None
@@ -216,7 +560,10 @@ _FISH_TRAINER = None
 def _build_fish_trainer():
     global _FISH_TRAINER
     if _FISH_TRAINER is None:
+        from transformers import TrainerCallback
+
         Trainer = _trainer_base()
+        check_trainer_hooks(Trainer, TrainerCallback)
 
         class FishTrainer(_FishTrainerMixin, Trainer):
             """`transformers.Trainer` that trains only a FISH mask's entries with MaskedAdamW.
@@ -226,7 +573,9 @@ def _build_fish_trainer():
             default "classifier"/"score"), fish_free_dense_grads (True: dense .grad freed during
             backward), fish_kind ("empirical" or "true"), fish_comm_hook (True: under DDP only the masked
             gradient entries are all-reduced, 4·k bytes a step), fish_comm_dtype (None, or torch.bfloat16
-            to send them in 2·k bytes). The rest is the Trainer's: its scheduler,
+            to send them in 2·k bytes), fish_sparse_checkpoints (True: checkpoints hold the k trained
+            values, the mask and the k-sized optimizer state instead of the dense model; see the module
+            docstring). The rest is the Trainer's: its scheduler,
             its weight-decay grouping (none on biases and norm weights), its max_grad_norm (applied
             to the trained entries). TrainingArguments.optim must be an AdamW; fp16 loss scaling is
             not supported (use bf16). Set weight_decay=0.0 for the paper's recipe. The mask is
@@ -236,10 +585,11 @@ def _build_fish_trainer():
 
             def __init__(self, *args, fish_density: float = 0.005, fish_num_samples: int = 1024,
                          fish_mask: FishMask | None = None, fish_head=None, fish_free_dense_grads: bool = True,
-                         fish_kind: str = "empirical", fish_comm_hook: bool = True, fish_comm_dtype=None, **kwargs):
+                         fish_kind: str = "empirical", fish_comm_hook: bool = True, fish_comm_dtype=None,
+                         fish_sparse_checkpoints: bool = True, **kwargs):
                 super().__init__(*args, **kwargs)
                 self._init_fish(fish_density, fish_num_samples, fish_mask, fish_head, fish_free_dense_grads, fish_kind,
-                                fish_comm_hook, fish_comm_dtype)
+                                fish_comm_hook, fish_comm_dtype, fish_sparse_checkpoints)
 
         _FISH_TRAINER = FishTrainer
     return _FISH_TRAINER
