@@ -11,7 +11,8 @@ Decisions:
 - CUDA arch list: ``TORCH_CUDA_ARCH_LIST`` when set; else, when a GPU is visible, torch's own choice
   (the visible GPUs); else (a Docker build, a login node, CI) the GPUs users train on — sm_80
   (A100; its code also runs on sm_86/sm_89), sm_90 (H100/H200), sm_100 (B200) when nvcc knows it,
-  plus PTX of the newest for anything later. torch itself raises IndexError there.
+  and sm_75 (T4), plus PTX of the newest for anything later. torch itself raises IndexError there
+  (also for TORCH_CUDA_ARCH_LIST=native with no GPU, which is treated as unset).
 - nvcc and torch's CUDA must have the same major version (torch refuses otherwise); on a mismatch
   the CUDA kernels are skipped with a message that says what to install, and the CPU part is built.
 """
@@ -31,7 +32,7 @@ HEADERS = ("topk_cuda.h",)
 EXTENSION_NAME = "fishkern._C"
 BUILD_INFO_FILE = "_C.build.json"  # written next to a built library: what it was built against
 
-ARCHS_WITHOUT_GPU = ("8.0", "9.0")
+ARCHS_WITHOUT_GPU = ("7.5", "8.0", "9.0")  # T4 (still on many clouds), A100 (+A10/L4/RTX), H100/H200
 BLACKWELL_ARCH = "10.0"
 BLACKWELL_MIN_NVCC = (12, 8)
 
@@ -107,7 +108,7 @@ def resolve_cuda_home(env, nvcc_on_path: str | None) -> str | None:
 
 
 def default_arch_list(nvcc: tuple[int, int] | None) -> str:
-    """TORCH_CUDA_ARCH_LIST for a build with no GPU visible: sm_80, sm_90 (+ sm_100), PTX of the last."""
+    """TORCH_CUDA_ARCH_LIST for a build with no GPU visible: sm_75, sm_80, sm_90 (+ sm_100), PTX of the last."""
     archs = list(ARCHS_WITHOUT_GPU)
     if nvcc is not None and nvcc >= BLACKWELL_MIN_NVCC:
         archs.append(BLACKWELL_ARCH)
@@ -117,7 +118,7 @@ def default_arch_list(nvcc: tuple[int, int] | None) -> str:
 
 def choose_arch_list(env_value: str | None, visible_gpus: int, nvcc: tuple[int, int] | None) -> tuple[str | None, str]:
     """(TORCH_CUDA_ARCH_LIST to set, or None to leave torch's choice; why)."""
-    if env_value:
+    if env_value and not (env_value == "native" and visible_gpus == 0):  # "native" needs a GPU to look at
         return None, f"TORCH_CUDA_ARCH_LIST={env_value} (from the environment)"
     if visible_gpus > 0:
         return None, f"the {visible_gpus} visible GPU(s) (torch's choice; set TORCH_CUDA_ARCH_LIST to build for others)"

@@ -19,11 +19,15 @@ from __future__ import annotations
 import contextlib
 import functools
 import glob
+import hashlib
+import json
 import os
+import platform
 import shutil
 import sys
 import time
 import warnings
+from dataclasses import asdict
 
 import torch
 
@@ -82,6 +86,9 @@ def _prebuilt() -> tuple[str | None, str]:
         return libs[0], ""  # built before build info existed: try it, a failure to load falls through
     if info.get("torch") != torch.__version__:
         return None, f"the library at {libs[0]} was built against torch {info.get('torch')}, this is torch {torch.__version__}"
+    src = csrc_dir()
+    if src is not None and info.get("sources") and info["sources"] != cfg.sources_digest(src):
+        return None, f"the library at {libs[0]} was built from other sources than those in {src} (rebuild it)"
     return libs[0], ""
 
 
@@ -103,11 +110,28 @@ def _cuda_facts() -> tuple[str | None, tuple[int, int] | None, int]:
     return cuda_home, nvcc, visible
 
 
+def _visible_archs() -> list[str]:
+    if torch.version.cuda is None:
+        return []
+    return sorted({"%d.%d" % torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+
+
 def jit_build_dir(plan: cfg.BuildPlan, digest: str) -> str:
+    """One cache entry per torch, Python, OS and CPU architecture (a shared home seen from x86-64 and
+    aarch64 nodes), CUDA, build plan and archs (a build for the visible H100 is not one for an A100),
+    and sources."""
     py = f"py{sys.version_info[0]}{sys.version_info[1]}"
     cuda = f"cu{torch.version.cuda}" if plan.with_cuda else "cpu"
-    tag = f"fishkern-{__version__}-torch-{torch.__version__}-{py}-{cuda}-{digest}".replace("+", "_")
+    archs = plan.arch_list or os.environ.get("TORCH_CUDA_ARCH_LIST") or ",".join(_visible_archs())
+    plan_key = hashlib.sha256(json.dumps([asdict(plan), archs if plan.with_cuda else ""], sort_keys=True).encode())
+    machine = f"{sys.platform}-{platform.machine()}"
+    tag = (f"fishkern-{__version__}-torch-{torch.__version__}-{py}-{machine}-{cuda}-{digest}-{plan_key.hexdigest()[:8]}"
+           .replace("+", "_"))
     return os.path.join(cache_root(), "native", tag)
+
+
+def _library_name(directory: str) -> str:
+    return os.path.join(directory, "fishkern_C" + (".pyd" if sys.platform == "win32" else ".so"))
 
 
 @contextlib.contextmanager
@@ -127,6 +151,10 @@ def _build_lock(directory: str):
         except BlockingIOError:
             _say(f"another process is building the native extension in {directory}; waiting for it")
             fcntl.flock(f, fcntl.LOCK_EX)
+        except OSError as e:  # a file system without locks (e.g. Lustre without -o flock)
+            _say(f"cannot lock {directory} ({e}); building without a lock")
+            yield
+            return
         try:
             # cpp_extension's own 'lock' file is left behind by a killed build and then blocks forever;
             # holding our lock, nobody else is building here
@@ -147,7 +175,7 @@ def _jit_build() -> NativeInfo:
     plan = cfg.plan_build(os.environ, torch.version.cuda, cuda_home, nvcc, visible)
     digest = cfg.sources_digest(src)
     directory = jit_build_dir(plan, digest)
-    lib = os.path.join(directory, "fishkern_C.so")
+    lib = _library_name(directory)
     info_path = os.path.join(directory, cfg.BUILD_INFO_FILE)
     with _build_lock(directory):
         info = cfg.read_build_info(info_path)
@@ -184,7 +212,12 @@ def _jit_build() -> NativeInfo:
             cfg.write_build_info(info_path, info)
             _say(f"native extension built in {time.perf_counter() - t0:.0f} s")
             return NativeInfo(lib, "first-use build", build=info)
-    torch.ops.load_library(lib)
+    try:
+        torch.ops.load_library(lib)
+    except OSError as e:  # a damaged cache entry: forget it, so that the next process rebuilds it
+        with contextlib.suppress(OSError):
+            os.remove(info_path)
+        return NativeInfo(None, "none", f"the cached library {lib} failed to load ({e}); it is rebuilt next time")
     return NativeInfo(lib, "first-use build (cached)", build=info)
 
 
@@ -202,7 +235,10 @@ def native_info() -> NativeInfo:
             why = f"the library at {path} failed to load ({e})"
     if _disabled("FISHKERN_NO_JIT"):
         return NativeInfo(None, "none", f"{why}; FISHKERN_NO_JIT forbids building it on first use")
-    result = _jit_build()
+    try:
+        result = _jit_build()
+    except Exception as e:  # noqa: BLE001 - an unwritable cache, ...: the plain-PyTorch paths still work
+        result = NativeInfo(None, "none", f"the first-use build could not run: {type(e).__name__}: {e}")
     if not result.available:
         result.reason = f"{why}; {result.reason}"
     return result

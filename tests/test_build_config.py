@@ -45,15 +45,15 @@ def test_parse_torch_cuda_version():
 
 
 @pytest.mark.parametrize("nvcc,expected", [
-    ((13, 0), "8.0;9.0;10.0+PTX"),
-    ((12, 8), "8.0;9.0;10.0+PTX"),
-    ((12, 4), "8.0;9.0+PTX"),
-    (None, "8.0;9.0+PTX"),
+    ((13, 0), "7.5;8.0;9.0;10.0+PTX"),
+    ((12, 8), "7.5;8.0;9.0;10.0+PTX"),
+    ((12, 4), "7.5;8.0;9.0+PTX"),
+    (None, "7.5;8.0;9.0+PTX"),
 ])
 def test_default_arch_list_without_a_gpu(nvcc, expected):
     archs = cfg.default_arch_list(nvcc)
     assert archs == expected
-    assert archs.startswith("8.0;9.0") and archs.endswith("+PTX")
+    assert archs.startswith("7.5;8.0;9.0") and archs.endswith("+PTX")
 
 
 def test_arch_list_choice():
@@ -65,9 +65,13 @@ def test_arch_list_choice():
     assert archs is None and "2 visible GPU" in why
     # none visible, none asked for: the default list, said in the build log
     archs, why = cfg.choose_arch_list(None, visible_gpus=0, nvcc=(12, 4))
-    assert archs == "8.0;9.0+PTX" and "no GPU visible" in why and "8.0;9.0+PTX" in why
+    assert archs == "7.5;8.0;9.0+PTX" and "no GPU visible" in why and "7.5;8.0;9.0+PTX" in why
     archs, _ = cfg.choose_arch_list("", visible_gpus=0, nvcc=(12, 4))  # empty counts as unset
-    assert archs == "8.0;9.0+PTX"
+    assert archs == "7.5;8.0;9.0+PTX"
+    # "native" with no GPU to look at would make torch raise IndexError: treated as unset
+    archs, why = cfg.choose_arch_list("native", visible_gpus=0, nvcc=(12, 4))
+    assert archs == "7.5;8.0;9.0+PTX" and "no GPU visible" in why
+    assert cfg.choose_arch_list("native", visible_gpus=1, nvcc=(12, 4))[0] is None
 
 
 def test_cuda_version_mismatch_message():
@@ -88,7 +92,7 @@ def test_plan_cuda_torch_without_a_gpu_sets_the_default_archs():
     plan = cfg.plan_build({}, "13.2", "/usr/local/cuda", (13, 0), 0)
     assert plan.with_cuda and plan.kind == "CPU + CUDA"
     assert set(cfg.CUDA_SOURCES) <= set(plan.sources) and set(cfg.CPU_SOURCES) <= set(plan.sources)
-    assert plan.arch_list == "8.0;9.0;10.0+PTX"
+    assert plan.arch_list == "7.5;8.0;9.0;10.0+PTX"
     assert "no GPU visible" in plan.notes[0] and "nvcc 13.0" in plan.notes[0]
 
 
@@ -167,7 +171,7 @@ def test_setup_py_loads_the_config_without_the_package(tmp_path):
     try:
         spec.loader.exec_module(mod)
         assert "torch" not in mod.__dict__  # standard library only
-        assert mod.default_arch_list((13, 0)) == "8.0;9.0;10.0+PTX"
+        assert mod.default_arch_list((13, 0)) == "7.5;8.0;9.0;10.0+PTX"
     finally:
         del sys.modules[spec.name]
 

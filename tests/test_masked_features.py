@@ -233,14 +233,7 @@ def test_native_gather_scatter_ops_directly():
         (torch.ops.fishkern.gather_masked.default, (tensors, flat_idx, begins, ends, torch.zeros(6))),
         (torch.ops.fishkern.scatter_masked_.default, ([t.clone() for t in tensors], flat_idx, begins, ends, values)),
     ):
-        torch.library.opcheck(op, args, test_utils=_OPCHECK_UTILS)
-
-
-# torch 2.4's functionalization cannot trace an op that mutates a list of tensors (Tensor(a!)[]), a
-# torch limitation fixed in 2.5: there torch.compile graphs cannot hold scatter_masked_ either
-_OPCHECK_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
-if tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 5):
-    _OPCHECK_UTILS = _OPCHECK_UTILS[:-1]
+        torch.library.opcheck(op, args)
 
 
 @pytest.mark.parametrize("free", [False, True])

@@ -131,6 +131,59 @@ def test_no_sources_means_no_build(pkg, monkeypatch):
     assert not info.available and "sources" in info.reason
 
 
+def test_a_library_built_from_other_sources_is_rebuilt(pkg, monkeypatch):
+    fake = FakeCompiler(monkeypatch)
+    (pkg / "_C.so").write_bytes(b"")
+    cfg.write_build_info(os.path.join(pkg, cfg.BUILD_INFO_FILE), {"torch": torch.__version__, "sources": "0123456789ab"})
+    info = _native.native_info()
+    assert str(pkg / "_C.so") not in fake.loads and info.how == "first-use build"
+
+
+def test_cache_problems_fall_back_instead_of_crashing(pkg, monkeypatch, tmp_path):
+    from fishkern.topk import global_topk, global_topk_reference
+
+    FakeCompiler(monkeypatch)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("FISHKERN_CACHE_DIR", str(blocker / "cache"))  # cannot be created
+    monkeypatch.setattr(_native, "_WARNED", set())
+    info = _native.native_info()
+    assert not info.available and "could not run" in info.reason
+    scores = [torch.randn(30), torch.randn(4, 4)]
+    with pytest.warns(RuntimeWarning, match="plain-PyTorch path"):
+        got = global_topk(scores, 7)
+    assert all(torch.equal(a, b) for a, b in zip(got, global_topk_reference(scores, 7)))
+
+
+def test_a_damaged_cached_library_is_forgotten(pkg, monkeypatch):
+    fake = FakeCompiler(monkeypatch)
+    assert _native.native_info().how == "first-use build"
+    directory = os.path.dirname(fake.builds[0]["dir"] + "/")
+    _native.native_info.cache_clear()
+
+    def broken(path):
+        raise OSError("file too short")
+
+    monkeypatch.setattr(torch.ops, "load_library", broken)
+    info = _native.native_info()
+    assert not info.available and "failed to load" in info.reason
+    assert not os.path.exists(os.path.join(directory, cfg.BUILD_INFO_FILE))  # the next process rebuilds
+    _native.native_info.cache_clear()
+    monkeypatch.setattr(torch.ops, "load_library", fake.loads.append)
+    assert _native.native_info().how == "first-use build" and len(fake.builds) == 2
+
+
+def test_the_cache_key_separates_machines_and_plans(monkeypatch):
+    plan = cfg.plan_build({}, None, None, None, 0)
+    a = _native.jit_build_dir(plan, "abc")
+    monkeypatch.setattr(_native.platform, "machine", lambda: "aarch64")
+    b = _native.jit_build_dir(plan, "abc")
+    plan2 = cfg.plan_build({}, None, None, None, 0)
+    plan2.cxx = plan2.cxx + ["-g"]
+    c = _native.jit_build_dir(plan2, "abc")
+    assert len({a, b, c}) == 3 and "aarch64" in b
+
+
 def test_the_sources_ship_with_the_package():
     # in a checkout csrc/ sits beside the package; an installed wheel has them as fishkern/_csrc
     src = _native.csrc_dir()

@@ -10,7 +10,7 @@ import torch
 
 
 # The oldest triton whose interpreter runs every fishkern kernel exactly (checked with 3.2.0 and
-# 3.5.1; 3.0/3.1, which torch 2.4 pins, reject them). An older triton is ignored: the PyTorch paths run.
+# 3.5.1; 3.0/3.1, which torch 2.4/2.5 pin, reject them). An older triton is ignored: the PyTorch paths run.
 MIN_TRITON = (3, 2)
 
 

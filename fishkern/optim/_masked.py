@@ -29,10 +29,6 @@ STATE_DICT_FORMAT = 1
 IMPLEMENTATIONS = ("auto", "torch", "triton")
 
 
-# torch.optim.Optimizer accepts (name, parameter) pairs from torch 2.6 on
-_TORCH_TAKES_NAMES = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 6)
-
-
 @dataclass
 class Run:
     """Consecutive tensors of a group (first..last, inclusive) stepped with the same scalars."""
@@ -170,9 +166,6 @@ class MaskedOptimizer(torch.optim.Optimizer):
             masks, self._pending_masks = self._pending_masks[: len(params)], self._pending_masks[len(params) :]
         layout = self._build_layout(params, masks, group_no)
         self._check_implementation(layout, group_no)
-        if named and not _TORCH_TAKES_NAMES:
-            # torch < 2.6 optimizers take tensors only: split the pairs as torch 2.6+ does itself
-            param_group["params"], param_group["param_names"] = params, names
         super().add_param_group(param_group)
         self._layouts.append(layout)
         self._runtime.append(_GroupRuntime(layout))
@@ -497,7 +490,7 @@ class MaskedOptimizer(torch.optim.Optimizer):
             if use_triton:
                 self._update_run_triton(gi, group, run, has_master)
                 # the kernel writes through raw pointers: tell autograd, as an in-place op would
-                _increment_version([lay.params[i] for i in run.positions if lay.k(i)])
+                torch.autograd.graph.increment_version([lay.params[i] for i in run.positions if lay.k(i)])
             else:
                 self._update_run_torch(gi, group, run, has_master)
             if bufs.keys() - {"master"}:  # history buffers exist (momentum off: SGD has none)
@@ -587,7 +580,7 @@ class MaskedOptimizer(torch.optim.Optimizer):
             written = [lay.params[i] for i in selected]
             scatter_masked_(written, lay.flat_mem_indices, *lay.segments(selected), values)
             # a raw write: tell autograd, as an in-place torch op would (stale graphs then raise)
-            _increment_version(written)
+            torch.autograd.graph.increment_version(written)
             return
         for i in selected:
             p = lay.params[i]
@@ -944,15 +937,3 @@ def _remove_handles(handles: list) -> None:
         h.remove()
     handles.clear()
 
-
-def _increment_version(tensors) -> None:
-    """Bump the autograd version counters of tensors written in place behind autograd's back.
-    torch >= 2.5 takes a list in one call; torch 2.4 takes one tensor at a time."""
-    tensors = list(tensors)
-    if not tensors:
-        return
-    try:
-        torch.autograd.graph.increment_version(tensors)
-    except (RuntimeError, TypeError):
-        for t in tensors:
-            torch.autograd.graph.increment_version(t)

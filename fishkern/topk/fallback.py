@@ -6,7 +6,8 @@ error. Never concatenates the scores: each float32 is mapped to an order-preserv
 the k-th largest key is found by a two-pass radix select on 16-bit digits (a histogram of the high
 half over all tensors, then of the low half inside the chosen bucket), and a last pass per tensor
 takes everything above the threshold plus the first ties in index order. Works on any device torch
-supports; peak extra memory is a few copies of the largest single tensor, not of all scores.
+supports; peak extra memory is several int64 copies of the largest single tensor (about 6-8× its
+fp32 size), not of all scores. Slow with very many small tensors (a few bincounts each).
 """
 from __future__ import annotations
 
