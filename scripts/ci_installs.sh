@@ -39,7 +39,7 @@ say() { echo "ci_installs: $*"; }
 # environment's editable build writes its own fishkern/_C.so
 copy_tree() {
     mkdir -p "$1"
-    (cd "$ROOT" && git ls-files -z --cached --others --exclude-standard | tar --null -T - -cf - --no-recursion) | tar -xf - -C "$1"
+    (cd "$ROOT" && git ls-files -z --cached --others --exclude-standard | tar --null --no-recursion -T - -cf -) | tar -xf - -C "$1"
 }
 
 new_venv() {
