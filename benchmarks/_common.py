@@ -273,34 +273,8 @@ def proc_status_kib(key: str) -> int | None:
     return None
 
 
-def cpu_snapshot() -> tuple[float, float, float, float] | None:
-    """(wall s, busy CPU s of the whole machine, CPU s of this process incl. its threads, steal s).
-
-    Two snapshots tell how much CPU *other* processes used meanwhile: on a shared 2-core machine an
-    OpenMP op whose second thread is descheduled waits a whole scheduler time slice (~4-8 ms), so
-    interference shows up as step times 10-100x too slow. Linux only; None elsewhere.
-    """
-    try:
-        tick = os.sysconf("SC_CLK_TCK")
-        with open("/proc/stat") as f:
-            v = [int(x) for x in f.readline().split()[1:]]
-        with open("/proc/self/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        busy = v[0] + v[1] + v[2] + v[5] + v[6]  # user nice system irq softirq
-        steal = v[7] if len(v) > 7 else 0
-        own = int(fields[11]) + int(fields[12])  # utime stime (all threads)
-        return time.perf_counter(), busy / tick, own / tick, steal / tick
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def interference(before, after) -> dict[str, float] | None:
-    """CPU seconds used by other processes (and stolen by the hypervisor) between two snapshots."""
-    if before is None or after is None:
-        return None
-    wall = after[0] - before[0]
-    other = max(0.0, (after[1] - before[1]) - (after[2] - before[2]))
-    return {"wall_s": wall, "other_cpu_s": other, "steal_s": after[3] - before[3], "own_cpu_s": after[2] - before[2]}
+# the package's own measure of other processes' CPU use (its reports warn with it), shared here
+from fishkern.runners._report import cpu_snapshot, interference  # noqa: E402
 
 
 def wait_for_quiet(max_wait_s: float, window_s: float = 1.0, threshold: float = 0.05) -> float:
@@ -332,15 +306,7 @@ def reset_peak_rss() -> bool:
 # the machine
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from fishkern.env import cpu_model  # noqa: E402
 
 
 def environment(device: torch.device) -> dict[str, object]:

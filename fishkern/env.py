@@ -29,7 +29,7 @@ def _version(pkg: str) -> str | None:
         return None
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -51,7 +51,7 @@ def collect(build: bool = False) -> dict:
         "fishkern": {"version": __version__, "location": os.path.dirname(os.path.abspath(__file__))},
         "python": sys.version.split()[0],
         "platform": platform.platform(),
-        "cpu": {"model": _cpu_model(), "threads": os.cpu_count(), "torch_threads": torch.get_num_threads()},
+        "cpu": {"model": cpu_model(), "threads": os.cpu_count(), "torch_threads": torch.get_num_threads()},
         "packages": {p: _version(p) for p in PACKAGES},
         "env": {v: os.environ[v] for v in ENV_VARS if v in os.environ},
     }

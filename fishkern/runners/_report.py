@@ -121,8 +121,8 @@ def save_figure(fig, path) -> None:
 # ------------------------------------------------------------------------ load of the machine
 # Timings on a shared machine are inflated when other processes want the same cores (on a 2-core
 # machine an op whose second thread is descheduled waits a whole time slice). Two snapshots of
-# /proc tell how much CPU *other* processes used meanwhile (the same measure as
-# benchmarks/_common.py's cpu_snapshot/interference); a report warns above 10% of one core.
+# /proc tell how much CPU *other* processes used meanwhile (benchmarks/_common.py uses these too);
+# a report warns above 10% of one core.
 BUSY_FRACTION = 0.1  # of one core, on average over the timed stretch
 
 
