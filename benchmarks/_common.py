@@ -274,7 +274,7 @@ def proc_status_kib(key: str) -> int | None:
 
 
 # the package's own measure of other processes' CPU use (its reports warn with it), shared here
-from fishkern.runners._report import cpu_snapshot, interference  # noqa: E402
+from fishkern.reporting import cpu_snapshot, interference  # noqa: E402
 
 
 def wait_for_quiet(max_wait_s: float, window_s: float = 1.0, threshold: float = 0.05) -> float:

@@ -17,7 +17,7 @@ import torch
 
 from fishkern.cli import build_parser, main
 from fishkern.runners import DeviceUnavailable, check_device
-from fishkern.runners import _report as rr
+from fishkern import reporting as rr
 
 ROOT = Path(__file__).resolve().parent.parent
 

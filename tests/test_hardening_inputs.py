@@ -428,7 +428,7 @@ def test_report_helpers_fsync_then_replace(tmp_path, monkeypatch):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from fishkern.runners._report import save_figure, write_json_atomic
+    from fishkern.reporting import save_figure, write_json_atomic
 
     events = _record_io(monkeypatch)
     write_json_atomic(tmp_path / "results.json", {"a": 1})
@@ -470,7 +470,7 @@ def test_demo_report_md_failed_write_keeps_previous(tmp_path, monkeypatch):
 def test_two_writers_of_one_report_never_collide(tmp_path):
     """Each writer has its own temporary file (originally both used `results.json.tmp`: one
     writer's rename then failed, or published the other's half-written file)."""
-    from fishkern.runners._report import write_json_atomic
+    from fishkern.reporting import write_json_atomic
 
     path = tmp_path / "results.json"
     errors = []

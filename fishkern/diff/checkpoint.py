@@ -73,7 +73,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._indices import index_dtype_for
+from ..mask.indices import index_dtype_for
 from .._version import __version__
 from ..mask.fishmask import FishMask, mask_from_parts, model_identity
 from ._io import (

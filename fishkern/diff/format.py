@@ -65,7 +65,7 @@ from typing import Any, Union
 import torch
 from torch import Tensor
 
-from .._indices import index_dtype_for
+from ..mask.indices import index_dtype_for
 from .._version import __version__
 from ..mask.fishmask import FishMask, model_identity
 from ._io import (

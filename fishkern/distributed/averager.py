@@ -56,7 +56,7 @@ from torch import Tensor
 
 from ..mask.fishmask import FishMask
 from ..optim._ddp import mark_locally_reduced
-from ..optim._layout import _is_dense_layout, flat_memory_view, memory_offsets
+from ..mask.indices import flat_memory_view, is_dense_layout, memory_offsets
 from ._comm import (
     OP_ASSERT_IN_SYNC,
     OP_CONSTRUCT,
@@ -232,7 +232,7 @@ class SparseAverager:
             for name, p in named:
                 if p.dtype not in COMM_DTYPES:
                     raise TypeError(f"parameter {name!r} has dtype {p.dtype}; use float32, bfloat16, float16 or float64")
-                if not _is_dense_layout(p.shape, p.stride()):
+                if not is_dense_layout(p.shape, p.stride()):
                     raise ValueError(f"parameter {name!r} does not cover its memory densely (strides {p.stride()})")
             tmo = as_timedelta(timeout)
             opts = list(optimizers)
@@ -632,7 +632,7 @@ class SparseAverager:
                 )
             st = p.stride()
             if st != self._strides[j]:
-                if not _is_dense_layout(p.shape, st):
+                if not is_dense_layout(p.shape, st):
                     return ModelChangedError(
                         f"{what}: parameter {self.names[j]!r} no longer covers its memory densely (strides {st}); "
                         "an expanded or sliced view cannot be averaged"
@@ -810,7 +810,7 @@ class SparseAverager:
         out = list(self.params)
         if buffers:
             for name, b in self._float_buffers():
-                if not _is_dense_layout(b.shape, b.stride()):
+                if not is_dense_layout(b.shape, b.stride()):
                     raise ValueError(f"buffer {name!r} does not cover its memory densely")
                 out.append(b)
         return out

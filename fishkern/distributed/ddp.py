@@ -36,9 +36,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .._indices import indices_digest
+from ..mask.indices import indices_digest
 from ..mask.fishmask import FishMask
-from ..optim._layout import check_mask_indices, memory_offsets
+from ..mask.indices import check_mask_indices, memory_offsets
 from ._comm import Comm, rank_list, require_initialized
 from .errors import CollectiveError, MaskMismatchError
 

@@ -18,7 +18,7 @@ from typing import Any, Union
 import torch
 from torch import Tensor
 
-from .._indices import index_dtype_for, update_digest
+from .indices import index_dtype_for, update_digest
 
 FORMAT = "fishkern.mask"
 FORMAT_VERSION = 1

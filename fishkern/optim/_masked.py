@@ -767,7 +767,7 @@ class MaskedOptimizer(torch.optim.Optimizer):
         return parts
 
     def mask_digests(self) -> list[list[str]]:
-        """Per group, per parameter: the digest of its mask (see ``fishkern._indices.indices_digest``)."""
+        """Per group, per parameter: the digest of its mask (see ``fishkern.mask.indices.indices_digest``)."""
         return [list(lay.digests) for lay in self._layouts]
 
     # ------------------------------------------------------------------ checkpointing

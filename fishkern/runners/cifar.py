@@ -41,7 +41,7 @@ from typing import Any
 # numpy, torch and the model are imported where they are used: `fishkern cifar --help` and the
 # command line's checks need none of them
 from . import check_device
-from ._report import (
+from ..reporting import (
     MachineLoad,
     bytes_log_axis,
     draw_baseline,

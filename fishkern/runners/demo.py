@@ -17,7 +17,7 @@ from typing import Any
 
 # torch, transformers and the training loop are imported where they are used: the command line
 # reads DemoConfig's defaults for `fishkern demo --help` without them
-from ._report import (
+from ..reporting import (
     cpu_snapshot,
     draw_baseline,
     fmt_bytes,

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from . import PAPER_MODEL
-from ._report import (MachineLoad, draw_baseline, fmt_bytes, git_revision, load_warning, percent_log_axis, plural,
+from ..reporting import (MachineLoad, draw_baseline, fmt_bytes, git_revision, load_warning, percent_log_axis, plural,
                       save_figure, write_json_atomic)
 
 __all__ = ["PAPER_MODEL", "GlueConfig", "chance_level", "check_model_path", "fish_masks", "glue_figure", "plot_glue",

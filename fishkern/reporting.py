@@ -1,5 +1,5 @@
 """Small helpers for the runners' reports: numbers in words, atomic files, plot styles, and the
-load of the machine while something was timed. Shared by the demo, GLUE and CIFAR runners."""
+load of the machine while something was timed. Shared by the runners and the benchmarks."""
 from __future__ import annotations
 
 import contextlib
