@@ -172,10 +172,11 @@ def test_free_dense_grads_consumed_by_step():
     assert all(torch.equal(a, p.detach()) for a, p in zip(after, model.parameters()))
 
 
-def test_native_copies_and_torch_copies_give_identical_trajectories():
+def test_native_copies_and_torch_copies_give_identical_trajectories(monkeypatch):
     """The CPU path moves data with the native multi-tensor gather/scatter when the extension is
     built, else with index_select / index_put_: both must give bit-identical results."""
     from fishkern._native import native_available
+    from fishkern.ops import masked_step
 
     if not native_available():
         pytest.skip("fishkern's native extension is not built: only the index_select path exists here")
@@ -189,18 +190,26 @@ def test_native_copies_and_torch_copies_give_identical_trajectories():
     a, b = build(), build()
     masks = random_masks(a, density=0.4)
     masks[1] = torch.empty(0, dtype=torch.long)
+    calls = []
+    real = masked_step.gather_masked
+    monkeypatch.setattr(masked_step, "gather_masked", lambda *a: (calls.append(1), real(*a)))
     for master in (False, True):
         oa = MaskedAdamW(a, masks, lr=0.05, weight_decay=0.1, master_weights=master)
         ob = MaskedAdamW(b, masks, lr=0.05, weight_decay=0.1, master_weights=master)
-        ob._native = False
         for step in range(3):
             grads = random_grads(a, seed=step)
             grads[4] = grads[4].contiguous()  # strides differ from the parameter's: per-tensor fallback
             for p, q, g in zip(a, b, grads):
                 p.grad, q.grad = g.clone(), g.clone()
-            oa.step()
-            ob.step()
-        assert oa._native is True
+            with monkeypatch.context() as m:
+                m.setattr(masked_step, "MULTI_TENSOR_COPIES", True)
+                oa.step()
+            assert calls, "the multi-tensor copies did not run"
+            with monkeypatch.context() as m:
+                m.setattr(masked_step, "MULTI_TENSOR_COPIES", False)
+                calls.clear()
+                ob.step()
+                assert not calls, "the per-tensor copies used the multi-tensor op"
         for p, q in zip(a, b):
             assert torch.equal(p, q)
 

@@ -284,14 +284,17 @@ def test_memory_footprint_by_part_before_and_after_the_first_step(cls, cfg, dtyp
     grad = 8 if dtype == torch.float64 else 4  # gathered gradients: the state dtype
     n = len(params)
     before = opt.memory_footprint()
-    # before any step: the mask's indices (row-major + memory order, int32) and the step counters
-    assert before == {"state": 0, "master": 0, "indices": 8 * K, "grad": 0, "work": 0, "tables": 4 * n,
-                      "total": 8 * K + 4 * n}
+    # before any step: the mask's indices (row-major + memory order, int32), the step counters (4 per
+    # tensor), the index of the trained tensors (int64) and the parameter table's host mirror of the
+    # parameter and gradient addresses (2 int64 per tensor)
+    tables = 4 * n + 8 * n + 16 * n
+    assert before == {"state": 0, "master": 0, "indices": 8 * K, "grad": 0, "work": 0, "tables": tables,
+                      "total": 8 * K + tables}
     assert opt.state_bytes() == 0
     _step(opt, params)
     after = opt.memory_footprint()
     want = {"state": state * K, "master": master * K, "indices": 8 * K, "grad": grad * K, "work": work * K,
-            "tables": 4 * n + 8 * n}  # + the index of the trained tensors (int64)
+            "tables": tables}
     want["total"] = sum(want.values())
     assert after == want
     assert opt.state_bytes() == (state + master) * K  # as documented: state and masters only
@@ -310,10 +313,12 @@ def test_memory_footprint_of_adamw_fp32_is_24_bytes_per_entry_and_hooks_gather_b
     x, y = _batches(1)[0]
     _loss(model, x, y).backward()
     fp = opt.memory_footprint()
-    assert fp["grad"] == 4 * k and fp["state"] == 0 and fp["total"] == 12 * k + 4 * n  # the hooks gathered
+    trained = sum(1 for m in masks if m.numel())
+    tables = 4 * n + 8 * trained + 16 * n  # step counters, trained-tensor index, address mirror
+    assert fp["grad"] == 4 * k and fp["state"] == 0 and fp["total"] == 12 * k + tables  # the hooks gathered
     opt.step()
     fp = opt.memory_footprint()
-    assert fp["total"] - fp["tables"] == 24 * k and fp["tables"] == 12 * n
+    assert fp["total"] - fp["tables"] == 24 * k and fp["tables"] == tables
 
 
 @pytest.mark.triton
@@ -327,7 +332,7 @@ def test_memory_footprint_on_the_triton_path():
     _step(opt, params)
     fp = opt.memory_footprint()
     n, blocks = len(params), len(MASKS)  # every tensor's entries fit in one block of 1024
-    tables = 4 * n + 8 * n + blocks * (4 + 8) + 8 * n + 2 * 8 * n
+    tables = 4 * n + 8 * n + blocks * (4 + 8) + 8 * n + 2 * 8 * n + 16 * n  # ... + the host address mirror
     assert fp == {"state": 8 * K, "master": 0, "indices": 8 * K, "grad": 0, "work": 0, "tables": tables,
                   "total": 16 * K + tables}
 

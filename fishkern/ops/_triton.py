@@ -2,6 +2,7 @@
 happen at `import fishkern`). Kernel modules import triton themselves, lazily, when first used."""
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import importlib.util
 import os
@@ -14,10 +15,12 @@ import torch
 MIN_TRITON = (3, 2)
 
 
+@functools.cache
 def triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+@functools.cache  # read once: the optimizers ask at every step
 def triton_version() -> tuple[int, ...] | None:
     """The installed triton's (major, minor), read from its metadata without importing it."""
     if not triton_installed():

@@ -67,3 +67,38 @@ def adamw_update_(
     else:
         denom = (exp_avg_sq.sqrt() / s.bias_correction2_sqrt).add_(s.eps)
     param.addcdiv_(exp_avg, denom, value=-s.step_size)
+
+
+def adamw_update_capturable_(
+    param: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    max_exp_avg_sq: Tensor | None,
+    *,
+    step_t: Tensor,
+    lr: float | Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    maximize: bool,
+) -> None:
+    """One AdamW step with the step count (and possibly lr) as device tensors: nothing is read on
+    the host. The ops of torch.optim.AdamW's single-tensor ``capturable=True`` branch."""
+    if maximize:
+        grad = torch.neg(grad)
+    if weight_decay != 0:
+        param.mul_(1 - lr * weight_decay)
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    bias_correction1 = 1 - torch.pow(beta1, step_t)
+    bias_correction2 = 1 - torch.pow(beta2, step_t)
+    step_size_neg = (lr / bias_correction1).neg()
+    bias_correction2_sqrt = bias_correction2.sqrt()
+    v = exp_avg_sq
+    if max_exp_avg_sq is not None:
+        torch.maximum(max_exp_avg_sq, exp_avg_sq, out=max_exp_avg_sq)
+        v = max_exp_avg_sq
+    denom = (v.sqrt() / (bias_correction2_sqrt * step_size_neg)).add_(eps / step_size_neg)
+    param.addcdiv_(exp_avg, denom)

@@ -14,6 +14,7 @@ from torch import Tensor
 from ._triton import tl_dtype
 from ._triton_common import block_entries, ieee_div, ieee_sqrt, load_grad, to_param_dtype
 from .adamw import AdamWScalars
+from . import multi_tensor
 from .multi_tensor import BlockTable
 
 
@@ -23,11 +24,23 @@ def _masked_adamw_kernel(
     param_addr_ptr, grad_addr_ptr, mem_index_ptr,
     grad_flat_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr, master_ptr,
     decay, one_minus_beta1, beta2, one_minus_beta2, neg_step_size, bias_correction2_sqrt, eps,
+    step_ptr, lr_ptr, lr, weight_decay, log_beta1, log_beta2,
     BLOCK: tl.constexpr, PARAM_DT: tl.constexpr, STATE_DT: tl.constexpr,
     GRAD_FLAT: tl.constexpr, HAS_MASTER: tl.constexpr, WEIGHT_DECAY: tl.constexpr,
-    AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
+    AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, CAPTURABLE: tl.constexpr, LR_PTR: tl.constexpr,
 ):
     t, e, m = block_entries(block_tensor_ptr, block_start_ptr, seg_end_ptr, block_base, BLOCK)
+    if CAPTURABLE:
+        # step count (and lr) read on the device, so that a captured CUDA graph replays correctly;
+        # beta**step = exp(step * log(beta)) in fp32, as torch's capturable AdamW computes it on the device
+        step = tl.load(step_ptr).to(tl.float32)
+        if LR_PTR:
+            lr_v = tl.load(lr_ptr).to(tl.float32)
+        else:
+            lr_v = lr
+        decay = 1.0 - lr_v * weight_decay
+        neg_step_size = -lr_v / (1.0 - tl.exp(step * log_beta1))
+        bias_correction2_sqrt = tl.sqrt_rn(1.0 - tl.exp(step * log_beta2))
     mem_idx = tl.load(mem_index_ptr + e, mask=m, other=0).to(tl.int64)
     p_ptr = tl.load(param_addr_ptr + t).to(tl.pointer_type(PARAM_DT))
 
@@ -75,21 +88,30 @@ def masked_adamw_triton(
     *,
     param_dtype,
     maximize: bool,
+    capturable: tuple | None = None,
+    weight_decay: float = 0.0,
 ) -> None:
-    """Launch the fused step over blocks [lo, hi) of ``table``. Flat buffers are whole-group."""
+    """Launch the fused step over blocks [lo, hi) of ``table``. Flat buffers are whole-group.
+    ``capturable``: (step tensor, lr tensor or None, lr, log(beta1), log(beta2)) to read the step
+    count (and the lr tensor) on the device instead of the host scalars in ``s``."""
     lo, hi = blocks
     if hi <= lo:
         return
     dummy = exp_avg
-    _masked_adamw_kernel[(hi - lo,)](
+    step_t, lr_t, lr_c, log_b1, log_b2 = capturable if capturable is not None else (None, None, 0.0, 0.0, 0.0)
+    multi_tensor.launch(_masked_adamw_kernel, (hi - lo,),
         table.block_tensor, table.block_start, table.seg_end, lo,
         param_addr, grad_addr if grad_addr is not None else param_addr, mem_indices,
         grad_flat if grad_flat is not None else dummy, exp_avg, exp_avg_sq,
         max_exp_avg_sq if max_exp_avg_sq is not None else dummy,
         master if master is not None else dummy,
         s.decay, s.one_minus_beta1, s.beta2, s.one_minus_beta2, -s.step_size, s.bias_correction2_sqrt, s.eps,
+        step_t if step_t is not None else dummy, lr_t if lr_t is not None else dummy,
+        lr_c, weight_decay, log_b1, log_b2,
         BLOCK=table.block, PARAM_DT=tl_dtype(param_dtype), STATE_DT=tl_dtype(exp_avg.dtype),
         GRAD_FLAT=grad_flat is not None, HAS_MASTER=master is not None, WEIGHT_DECAY=s.has_weight_decay,
         AMSGRAD=max_exp_avg_sq is not None, MAXIMIZE=maximize,
+        CAPTURABLE=capturable is not None, LR_PTR=lr_t is not None,
         num_warps=8,  # 4 warps spill registers on sm_90 for fp16 AdamW (scripts/triton_aot_gate.py)
     )
+

@@ -16,7 +16,7 @@ def sgd_update_(
     grad: Tensor,
     momentum_buffer: Tensor | None,
     *,
-    lr: float,
+    lr: float | Tensor,
     momentum: float,
     dampening: float,
     nesterov: bool,
@@ -39,4 +39,7 @@ def sgd_update_(
             grad = grad.add(momentum_buffer, alpha=momentum)
         else:
             grad = momentum_buffer
-    param.add_(grad, alpha=-lr)
+    if isinstance(lr, Tensor):  # a device lr (capturable): no host read
+        param.addcmul_(grad, lr, value=-1)
+    else:
+        param.add_(grad, alpha=-lr)

@@ -7,7 +7,7 @@ from typing import Any
 from torch import Tensor
 
 from ..mask.fishmask import FishMask
-from ..ops.adamw import adamw_scalars, adamw_update_
+from ..ops.masked_step import masked_adamw_step_
 from ._masked import MaskedOptimizer, Run
 
 
@@ -60,6 +60,7 @@ class MaskedAdamW(MaskedOptimizer):
         free_dense_grads: bool = False,
         master_weights: bool = False,
         implementation: str = "auto",
+        capturable: bool = False,
     ):
         _check_hyper(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize)
@@ -70,58 +71,24 @@ class MaskedAdamW(MaskedOptimizer):
             free_dense_grads=free_dense_grads,
             master_weights=master_weights,
             implementation=implementation,
+            capturable=capturable,
         )
 
     def _state_buffer_names(self, group: dict[str, Any]) -> list[str]:
         return ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if group["amsgrad"] else [])
 
-    @staticmethod
-    def _scalars(group: dict[str, Any], step: int):
+    def _call_op(self, gi: int, group: dict[str, Any], run: Run, has_master: bool, grads_in_flat: bool,
+                 impl: str) -> None:
+        rt = self._runtime[gi]
+        bufs = rt.buffers
         beta1, beta2 = group["betas"]
-        return adamw_scalars(
-            lr=float(group["lr"]),
-            beta1=float(beta1),
-            beta2=float(beta2),
-            eps=group["eps"],
-            weight_decay=group["weight_decay"],
-            step=step,
-        )
-
-    def _update_run_torch(self, gi: int, group: dict[str, Any], run: Run, has_master: bool) -> None:
-        bufs = self._runtime[gi].buffers
-        grad, values = self._gather_run(gi, run, has_master)
-        sl = slice(run.start, run.end)
-        adamw_update_(
-            values,
-            grad,
-            bufs["exp_avg"][sl],
-            bufs["exp_avg_sq"][sl],
-            bufs["max_exp_avg_sq"][sl] if group["amsgrad"] else None,
-            self._scalars(group, run.step),
-            maximize=group["maximize"],
-        )
-        self._scatter_run(gi, run, has_master)
-
-    def _update_run_triton(self, gi: int, group: dict[str, Any], run: Run, has_master: bool) -> None:
-        from ..ops.adamw_triton import masked_adamw_triton
-
-        lay, bufs = self._layouts[gi], self._runtime[gi].buffers
-        grad_flat = self._run_grads_for_triton(gi, run)
-        table, param_addr, grad_addr = self._triton_tables(gi, run, grad_flat is not None)
-        masked_adamw_triton(
-            table,
-            table.blocks_of(run.first, run.last),
-            param_addr,
-            grad_addr,
-            lay.flat_mem_indices,
-            grad_flat,
-            bufs["exp_avg"],
-            bufs["exp_avg_sq"],
-            bufs.get("max_exp_avg_sq") if group["amsgrad"] else None,
-            bufs["master"] if has_master else None,
-            self._scalars(group, run.step),
-            param_dtype=run.dtype,
-            maximize=group["maximize"],
+        lr, lr_t = self._lr_of(group, self._layouts[gi])
+        masked_adamw_step_(
+            rt.table.handle, run.first, run.last, self._grad_arg(gi, grads_in_flat), grads_in_flat,
+            bufs["master"] if has_master else None, rt.work,
+            bufs["exp_avg"], bufs["exp_avg_sq"], bufs["max_exp_avg_sq"] if group["amsgrad"] else None,
+            run.step, self._step_arg(gi), lr, lr_t, float(beta1), float(beta2), float(group["eps"]),
+            float(group["weight_decay"]), bool(group["maximize"]), impl,
         )
 
 

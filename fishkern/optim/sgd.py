@@ -8,7 +8,7 @@ from typing import Any
 from torch import Tensor
 
 from ..mask.fishmask import FishMask
-from ..ops.sgd import sgd_update_
+from ..ops.masked_step import masked_sgd_step_
 from ._masked import MaskedOptimizer, Run
 
 
@@ -38,6 +38,7 @@ class MaskedSGD(MaskedOptimizer):
         free_dense_grads: bool = False,
         master_weights: bool = False,
         implementation: str = "auto",
+        capturable: bool = False,
     ):
         if isinstance(lr, Tensor) and lr.numel() != 1:
             raise ValueError("a tensor lr must have one element")
@@ -59,6 +60,7 @@ class MaskedSGD(MaskedOptimizer):
             free_dense_grads=free_dense_grads,
             master_weights=master_weights,
             implementation=implementation,
+            capturable=capturable,
         )
 
     def _state_buffer_names(self, group: dict[str, Any]) -> list[str]:
@@ -69,46 +71,14 @@ class MaskedSGD(MaskedOptimizer):
         # whatever step momentum first applies; afterwards it decays and adds
         return rt.started[i]
 
-    def _update_run_torch(self, gi: int, group: dict[str, Any], run: Run, has_master: bool) -> None:
-        bufs = self._runtime[gi].buffers
-        grad, values = self._gather_run(gi, run, has_master)
-        sl = slice(run.start, run.end)
-        sgd_update_(
-            values,
-            grad,
-            bufs["momentum_buffer"][sl] if group["momentum"] != 0 else None,
-            lr=float(group["lr"]),
-            momentum=group["momentum"],
-            dampening=group["dampening"],
-            nesterov=group["nesterov"],
-            weight_decay=group["weight_decay"],
-            maximize=group["maximize"],
-            first_step=not run.key,
-        )
-        self._scatter_run(gi, run, has_master)
-
-    def _update_run_triton(self, gi: int, group: dict[str, Any], run: Run, has_master: bool) -> None:
-        from ..ops.sgd_triton import masked_sgd_triton
-
-        lay, bufs = self._layouts[gi], self._runtime[gi].buffers
-        grad_flat = self._run_grads_for_triton(gi, run)
-        table, param_addr, grad_addr = self._triton_tables(gi, run, grad_flat is not None)
-        masked_sgd_triton(
-            table,
-            table.blocks_of(run.first, run.last),
-            param_addr,
-            grad_addr,
-            lay.flat_mem_indices,
-            grad_flat,
-            bufs.get("momentum_buffer") if group["momentum"] != 0 else None,
-            bufs["master"] if has_master else None,
-            lr=float(group["lr"]),
-            momentum=group["momentum"],
-            dampening=group["dampening"],
-            nesterov=group["nesterov"],
-            weight_decay=group["weight_decay"],
-            maximize=group["maximize"],
-            first_step=not run.key,
-            param_dtype=run.dtype,
-            state_dtype=lay.state_dtype,
+    def _call_op(self, gi: int, group: dict[str, Any], run: Run, has_master: bool, grads_in_flat: bool,
+                 impl: str) -> None:
+        rt = self._runtime[gi]
+        lr, lr_t = self._lr_of(group, self._layouts[gi])
+        masked_sgd_step_(
+            rt.table.handle, run.first, run.last, self._grad_arg(gi, grads_in_flat), grads_in_flat,
+            rt.buffers["master"] if has_master else None, rt.work,
+            rt.buffers["momentum_buffer"] if group["momentum"] != 0 else None,
+            lr, lr_t, float(group["momentum"]), float(group["dampening"]), float(group["weight_decay"]),
+            bool(group["nesterov"]), bool(group["maximize"]), not run.key, impl,
         )
