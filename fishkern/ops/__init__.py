@@ -1,5 +1,42 @@
-"""Low-level ops on flat buffers of masked entries: PyTorch reference paths and Triton kernels.
+"""fishkern's op layer: every kernel is a ``torch.ops.fishkern.*`` op, declared once.
 
-The Triton kernel modules (``*_triton.py``) import triton and are loaded lazily by the optimizers,
-so ``import fishkern`` never imports triton or touches CUDA.
+The data path, bottom up:
+
+=========================  ===============================================  =========================
+op                         what it does                                     kernels
+=========================  ===============================================  =========================
+``topk_select``            exact global top-k over many score tensors       default (radix select),
+                           (``fishkern.topk``)                              CPU + CUDA (C++)
+``linear_fisher_acc_``     a Linear weight's diagonal Fisher over a batch   default (batched torch),
+                           of sequences (``linear_fisher.py``)              CUDA (Triton)
+``gather_masked``,         the masked entries of many tensors to / from a   default (per tensor),
+``scatter_masked_``        flat buffer (``masked_copy.py``)                 CPU (C++, threaded)
+``masked_adamw_step_``,    one optimizer step of a run of tensors           default (vectorised torch),
+``masked_sgd_step_``       (``masked_step.py``, over a ``ParamTable``)      CUDA (fused Triton)
+=========================  ===============================================  =========================
+
+``library.py`` declares them (schema, fake, default kernel) and registers the device kernels; the
+dispatcher picks the kernel by the tensors' device. Nothing here imports triton or touches CUDA at
+import: the Triton modules (``*_triton.py``) are imported by the CUDA kernels on first use.
+``all_ops()`` imports every op module and lists the ops (tests run ``torch.library.opcheck`` on each).
 """
+from __future__ import annotations
+
+import importlib
+
+# modules that declare ops, in data-path order
+OP_MODULES = (
+    "fishkern.topk.ops",
+    "fishkern.ops.linear_fisher",
+    "fishkern.ops.masked_copy",
+    "fishkern.ops.masked_step",
+)
+
+
+def all_ops() -> dict[str, str]:
+    """Every fishkern op (name -> one line), after importing the modules that declare them."""
+    from . import library
+
+    for name in OP_MODULES:
+        importlib.import_module(name)
+    return library.defined_ops()

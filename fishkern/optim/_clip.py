@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..ops import param_table as pt
+
 
 class ClipMixin:
     """Part of ``MaskedOptimizer``: gradient clipping."""
@@ -20,13 +22,20 @@ class ClipMixin:
         gradients, unselected gradient entries are ignored. Returns the total norm before clipping;
         call it between ``backward()`` and ``step()``.
         """
-        self._sync_proxies()
         pieces = []  # flat gradient entries, as views that can be scaled in place
         sharded = []  # whether the piece is one rank's shard of a parameter (its norm spans ranks)
         for gi, (lay, rt) in enumerate(zip(self._layouts, self._runtime)):
+            if not lay.trainable:
+                continue
+            if self._all_gathered(gi):  # the steady state: one piece per group, nothing per tensor
+                pieces.append(rt.grad[: lay.total])
+                sharded.append(False)
+                continue
+            self._sync_proxies(gi)
+            group_pieces, group_sharded = [], []
             for i in lay.trainable:
                 if rt.grad_ready[i]:
-                    pieces.append(rt.grad[lay.slice(i)])
+                    group_pieces.append(rt.grad[lay.slice(i)])
                 elif (g := self._grad_of(lay, i)) is not None:
                     # gather once, and stash in the flat buffer so step() uses the clipped values
                     out = self._grad_buffer(gi)[lay.slice(i)]
@@ -34,10 +43,15 @@ class ClipMixin:
                     rt.grad_ready[i] = True
                     if self.free_dense_grads:
                         self._free_dense(gi, i)
-                    pieces.append(out)
+                    group_pieces.append(out)
                 else:
                     continue
-                sharded.append(lay.shards[i] is not None and lay.shards[i].group is not None)
+                group_sharded.append(lay.shards[i] is not None and lay.shards[i].group is not None)
+            if len(group_pieces) == len(lay.trainable) and not any(group_sharded):
+                # every trained tensor's entries: the group's buffer is their concatenation
+                group_pieces, group_sharded = [rt.grad[: lay.total]], [False]
+            pieces += group_pieces
+            sharded += group_sharded
         shard_group = self._shard_group()
         if shard_group is not None:
             total = self._sharded_total_norm(pieces, sharded, float(norm_type), shard_group)
@@ -55,8 +69,18 @@ class ClipMixin:
             g.mul_(coef.to(g.device, g.dtype))
         return total
 
+    def _all_gathered(self, gi: int) -> bool:
+        """Every trained tensor of group gi has its gradient gathered and .grad is still its proxy
+        (one native check; free_dense_grads, unsharded groups)."""
+        rt = self._runtime[gi]
+        if not (self.free_dense_grads and self._hooks) or rt.sharded or rt.grad is None:
+            return False
+        return not rt.table.check(pt.PROXIES) & pt.NEEDS_SLOW_PATH
+
     def _shard_group(self):
         """The process group over which this optimizer's sharded parameters are split, or None."""
+        if not any(rt.sharded for rt in self._runtime):
+            return None
         groups = {id(sh.group): sh.group for lay in self._layouts for sh in lay.shards if sh is not None and sh.group is not None}
         if len(groups) > 1:
             raise RuntimeError("clip_grad_norm_: the sharded parameters are split over different process groups")

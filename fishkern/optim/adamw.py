@@ -44,6 +44,17 @@ class MaskedAdamW(MaskedOptimizer):
             (the update is applied to the master, the parameter receives its rounded value).
         implementation: ``"auto"`` (fused Triton kernel for CUDA tensors, vectorised PyTorch
             otherwise), ``"torch"``, or ``"triton"``. float64 groups always use the PyTorch path.
+        capturable: read the step count (one per param group, kept on the parameters' device, as
+            ``state["step"]``) and a tensor ``lr`` on the device, so that ``step()`` reads nothing on
+            the host and can be captured in a CUDA graph (``torch.cuda.graph``), as torch's
+            ``capturable=True`` optimizers. Every trained parameter must then have a gradient at every
+            step. For a graph: warm up a few steps eagerly (buffers, tables and kernels are made
+            then), capture ``step()``, and keep the gradients where the graph reads them: either
+            ``free_dense_grads=True`` (the hooks gather into a fixed buffer) with
+            ``zero_grad(set_to_none=True)`` between replays, or dense gradients kept in place with
+            ``zero_grad(set_to_none=False)``. A changed parameter address (``p.data = ...``) needs a new
+            capture. Bias corrections are then computed in fp32 on the device (to rounding of the
+            host-scalar step).
     """
 
     def __init__(

@@ -20,7 +20,8 @@ class MaskedSGD(MaskedOptimizer):
     The momentum buffer holds k_i fp32 entries per parameter (none when momentum is 0).
 
     Args: as ``MaskedAdamW`` for ``params``, ``mask_indices``, ``free_dense_grads``,
-    ``master_weights`` and ``implementation``; ``lr``, ``momentum``, ``dampening``,
+    ``master_weights``, ``implementation`` and ``capturable`` (a tensor ``lr`` read on the device;
+    capture after the first step, which initialises the momentum buffer); ``lr``, ``momentum``, ``dampening``,
     ``weight_decay``, ``nesterov``, ``maximize`` as ``torch.optim.SGD`` (same defaults).
     """
 
