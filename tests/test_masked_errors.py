@@ -98,3 +98,14 @@ def test_triton_request_without_a_usable_device(param, monkeypatch):
         opt.step()
     # float64 groups always take the PyTorch path: nothing to refuse
     MaskedAdamW([torch.nn.Parameter(torch.randn(3, dtype=torch.float64))], [torch.tensor([0])], implementation="triton")
+
+
+def test_copying_or_pickling_a_masked_optimizer_is_refused_with_the_way_out():
+    import copy
+    import pickle
+
+    lin = torch.nn.Linear(3, 2)
+    opt = MaskedAdamW(lin.parameters(), [torch.tensor([1]), torch.tensor([0])])
+    for copier in (copy.deepcopy, pickle.dumps):
+        with pytest.raises(TypeError, match="save opt.state_dict"):
+            copier(opt)

@@ -83,6 +83,13 @@ class ParamTable:
         self._block_table: BlockTable | None = None
         self._addr: Tensor | None = None  # device [2n] int64: the Triton kernels' address table
 
+    def __reduce__(self):
+        # a copy would share (and free twice) the native registration and alias the parameters
+        raise TypeError(
+            "a masked optimizer's parameter table cannot be copied or pickled: save opt.state_dict() and load it "
+            "into a new optimizer"
+        )
+
     # ------------------------------------------------------------------ per-entry layout
     def k(self, i: int) -> int:
         return self.starts[i + 1] - self.starts[i]

@@ -142,6 +142,14 @@ class MaskedOptimizer(GradientsMixin, ClipMixin, CheckpointMixin, torch.optim.Op
             )
         self._pending_masks = None
 
+    def __getstate__(self):
+        # torch's Optimizer pickles only defaults/state/param_groups: the copy would have no masks,
+        # buffers or tables and fail later, far from here
+        raise TypeError(
+            f"a {type(self).__name__} cannot be copied or pickled (its masks, flat buffers and hooks do not travel): "
+            "save opt.state_dict() and load it into a new optimizer built on the new parameters"
+        )
+
     # ------------------------------------------------------------------ groups and masks
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         raw = param_group["params"]
