@@ -24,3 +24,11 @@ def triton_devices():
 
 
 requires_triton = pytest.mark.skipif(not HAS_TRITON, reason=triton_status())
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests parametrised on a CUDA device carry the `cuda` marker (scripts/gpu_tests.py selects by it)."""
+    for item in items:
+        cs = getattr(item, "callspec", None)
+        if cs and any(v == "cuda" or getattr(v, "type", None) == "cuda" for v in cs.params.values()):
+            item.add_marker(pytest.mark.cuda)
