@@ -1,76 +1,50 @@
 """Helpers shared by the fishkern benchmarks: the benchmark models, seeded random masks, timers,
-memory probes and a description of the machine.
+memory probes, a description of the machine, and the pieces every report is made of (byte and
+table formatting, provenance, atomic result files, the memory-child protocol).
 
-Nothing here is part of the fishkern package; the benchmarks import it as a sibling module.
+Nothing here is part of the fishkern package; the benchmarks import it as a sibling module. What
+the package's runners share with the benchmarks (the load of the machine, atomic writes, the CPU
+model) comes from fishkern.reporting and fishkern.env and is not copied here.
 """
 from __future__ import annotations
 
 import gc
+import hashlib
+import json
 import math
 import os
 import platform
+import shlex
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from fishkern.env import cpu_model
+# the package's own measure of other processes' CPU use (its reports warn with it), shared here
+from fishkern.reporting import cpu_snapshot, interference, write_text_atomic
+# The CIFAR ResNet is the package's (fishkern.models): the benchmarks measure the model the recipes
+# train. Same architecture, parameter names and initialisation order as the copy that lived here
+# before (checked: state_dict keys, shapes and seeded weights identical), so earlier results compare.
+from fishkern.models import RESNET34_CIFAR10_PARAMS, CifarResNet, resnet34_cifar
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO = BENCH_DIR.parent
+
 # --------------------------------------------------------------------------------------------------
 # models
 
-
-class BasicBlock(nn.Module):
-    """The ResNet basic block: two 3x3 convolutions with BatchNorm, identity or 1x1 projection shortcut."""
-
-    expansion = 1
-
-    def __init__(self, in_planes: int, planes: int, stride: int = 1):
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or in_planes != planes:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False),
-                nn.BatchNorm2d(planes),
-            )
-
-    def forward(self, x: Tensor) -> Tensor:
-        out = torch.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return torch.relu(out + self.shortcut(x))
-
-
-class CifarResNet(nn.Module):
-    """ResNet for 32x32 inputs: 3x3 stem (stride 1), no max-pool, four stages of BasicBlocks."""
-
-    def __init__(self, blocks: Sequence[int] = (3, 4, 6, 3), widths: Sequence[int] = (64, 128, 256, 512), num_classes: int = 10):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, widths[0], 3, stride=1, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(widths[0])
-        layers = []
-        in_planes = widths[0]
-        for stage, (n, w) in enumerate(zip(blocks, widths)):
-            stride = 1 if stage == 0 else 2
-            for b in range(n):
-                layers.append(BasicBlock(in_planes, w, stride if b == 0 else 1))
-                in_planes = w
-        self.layers = nn.Sequential(*layers)
-        self.fc = nn.Linear(in_planes, num_classes)
-
-    def forward(self, x: Tensor) -> Tensor:
-        out = torch.relu(self.bn1(self.conv1(x)))
-        out = self.layers(out)
-        out = torch.flatten(nn.functional.adaptive_avg_pool2d(out, 1), 1)
-        return self.fc(out)
-
+RESNET_WIDTHS = (64, 128, 256, 512)
+QUICK_RESNET_BLOCKS = (1, 1, 1, 1)
 
 BERT_LARGE_PARAMS = 335_143_938
-RESNET34_PARAMS = 21_282_122
+RESNET34_PARAMS = RESNET34_CIFAR10_PARAMS  # 21,282,122
 
 MODEL_NAMES = ("bert-large", "resnet34")
 
@@ -100,13 +74,15 @@ def build_model(name: str, quick: bool = False, seed: int = 0) -> nn.Module:
         model = BertForSequenceClassification(cfg)
         if not quick:
             n = count_params(model)
-            assert n == BERT_LARGE_PARAMS, f"BERT-large has {n} parameters, expected {BERT_LARGE_PARAMS}"
+            if n != BERT_LARGE_PARAMS:  # a transformers release that builds BERT differently: the numbers would not compare
+                raise RuntimeError(f"BERT-large has {n} parameters, expected {BERT_LARGE_PARAMS}")
         return model
     if name == "resnet34":
-        model = CifarResNet(blocks=(1, 1, 1, 1) if quick else (3, 4, 6, 3))
+        model = CifarResNet(QUICK_RESNET_BLOCKS, RESNET_WIDTHS) if quick else resnet34_cifar()
         if not quick:
             n = count_params(model)
-            assert n == RESNET34_PARAMS, f"ResNet-34 has {n} parameters, expected {RESNET34_PARAMS}"
+            if n != RESNET34_PARAMS:
+                raise RuntimeError(f"ResNet-34 has {n} parameters, expected {RESNET34_PARAMS}")
         return model
     raise ValueError(f"unknown model {name!r}; choose from {MODEL_NAMES}")
 
@@ -273,10 +249,6 @@ def proc_status_kib(key: str) -> int | None:
     return None
 
 
-# the package's own measure of other processes' CPU use (its reports warn with it), shared here
-from fishkern.reporting import cpu_snapshot, interference  # noqa: E402
-
-
 def wait_for_quiet(max_wait_s: float, window_s: float = 1.0, threshold: float = 0.05) -> float:
     """Wait until other processes use less than ``threshold`` of a core over a ``window_s`` window
     (giving up after ``max_wait_s``); returns the seconds waited beyond the first window."""
@@ -304,9 +276,6 @@ def reset_peak_rss() -> bool:
 
 # --------------------------------------------------------------------------------------------------
 # the machine
-
-
-from fishkern.env import cpu_model  # noqa: E402
 
 
 def environment(device: torch.device) -> dict[str, object]:
@@ -356,3 +325,101 @@ def environment(device: torch.device) -> dict[str, object]:
     else:
         env["device_description"] = f"{env['cpu_model']}, {env['cpu_count']} cores ({env['torch_num_threads']} torch threads)"
     return env
+
+
+# --------------------------------------------------------------------------------------------------
+# reports: formatting, provenance, result files, log lines
+#
+# Byte counts: decimal units with two decimals ("441.35 MB", "2.68 GB"), as the committed tables
+# and docs/design.md have them. Not fishkern.reporting.fmt_bytes: its one decimal ("2.7 GB") hides
+# differences the memory tables are about (dense AdamW +5.01 GB against original FISH +4.99 GB).
+
+
+def fmt_bytes(n: float | None) -> str:
+    """``441.35 MB``, ``-1.20 kB``, ``12 B``; ``n/a`` for None."""
+    if n is None or (isinstance(n, float) and math.isnan(n)):
+        return "n/a"
+    sign = "-" if n < 0 else ""
+    n = abs(n)
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{sign}{n / scale:.2f} {unit}"
+    return f"{sign}{int(n)} B"
+
+
+def md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A GitHub markdown table (cells used as given)."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def git_revision() -> str | None:
+    """The full commit hash, with ``+dirty(fishkern/)`` when the package's sources differ from it
+    (the measured code is then not the commit's); None outside a git checkout. Unlike
+    fishkern.reporting.git_revision (short hash, no dirty marker), a result must name its code exactly."""
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "fishkern"], cwd=REPO, capture_output=True, text=True,
+                               timeout=10).stdout.strip()
+        return rev + ("+dirty(fishkern/)" if dirty else "") if rev else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def source_digest() -> str:
+    """sha256 (first 16 hex digits) of fishkern's Python sources, so a result names the exact code it measured."""
+    h = hashlib.sha256()
+    for f in sorted((REPO / "fishkern").rglob("*.py")):
+        h.update(str(f.relative_to(REPO)).encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def command_line(argv: Sequence[str] | None = None) -> str:
+    """How this run was started, to paste back: ``python benchmarks/bench_x.py --opt ...`` (the script
+    relative to the repository); for a call from Python, ``main([...])``."""
+    if argv is not None:
+        return "main(" + repr(list(argv)) + ")"
+    script = sys.argv[0]
+    if os.path.isabs(script) or os.path.exists(script):
+        script = os.path.relpath(os.path.abspath(script), REPO)
+    return "python " + " ".join(shlex.quote(a) for a in [script] + sys.argv[1:])
+
+
+def write_text(path, text: str) -> None:
+    """Replace a result file atomically (fishkern.reporting's writer): an interrupted run leaves the
+    previous result, never half a table."""
+    write_text_atomic(Path(path), text)
+
+
+def write_json(path, obj) -> None:
+    """A result JSON (indent 1, values JSON cannot hold written with str()), replaced atomically."""
+    write_text(path, json.dumps(obj, indent=1, default=str) + "\n")
+
+
+def log(msg: str) -> None:
+    """A progress line on stderr (stdout carries the tables and the child results)."""
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# memory children: one fresh process per measurement, so that one peak RSS is not another's
+#
+# The parent runs ``python <script> --child '<json spec>'``; the child prints one line
+# ``CHILD_RESULT <json>`` on stdout (anything else it prints is ignored).
+
+CHILD_TAG = "CHILD_RESULT "
+
+
+def print_child_result(result: dict[str, Any]) -> None:
+    print(CHILD_TAG + json.dumps(result), flush=True)
+
+
+def run_child(script, spec: dict[str, Any]) -> tuple[dict[str, Any] | None, subprocess.CompletedProcess]:
+    """Run ``script --child <spec>`` in a fresh interpreter; (its result or None if it failed, the process)."""
+    proc = subprocess.run([sys.executable, str(Path(script).resolve()), "--child", json.dumps(spec)],
+                          capture_output=True, text=True)
+    line = next((ln for ln in reversed(proc.stdout.splitlines()) if ln.startswith(CHILD_TAG)), None)
+    if proc.returncode != 0 or line is None:
+        return None, proc
+    return json.loads(line[len(CHILD_TAG):]), proc

@@ -25,11 +25,9 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -187,10 +185,6 @@ def run_model(name, args):
             "dense_bytes": dense_bytes, "description": C.model_description(name, False), "setup_s": setup_s, "rows": rows}
 
 
-def fmt_bytes(b):
-    return f"{b / 1e9:,.2f} GB" if b >= 1e9 else f"{b / 1e6:,.1f} MB" if b >= 1e6 else f"{b / 1e3:,.1f} kB"
-
-
 def fmt_t(t):
     return "–" if t is None else f"{t[0] * 1e3:,.0f} ms" if t[0] < 10 else f"{t[0]:,.1f} s"
 
@@ -215,11 +209,11 @@ def markdown(results, env):
         if inter:
             lines += [f"Interference during this model's run ({inter['wall_s']:.0f} s): other processes used {inter['other_cpu_s']:.1f} CPU s, "
                       f"hypervisor steal {inter['steal_s']:.1f} s (this process {inter['own_cpu_s']:.1f} CPU s).", ""]
-        lines += ["| file | bytes | dense / this | write | read | apply_ (verify full) | notes |", "|---|---|---|---|---|---|---|"]
+        rows = []
         for r in res["rows"]:
             ratio = "1×" if r["what"].startswith("dense safetensors") else (f"{r['vs_dense']:,.0f}×" if r["vs_dense"] and r["vs_dense"] >= 1 else f"{r['vs_dense']:.2f}×")
-            lines.append(f"| {r['what']} | {fmt_bytes(r['bytes'])} | {ratio} | {fmt_t(r['write_s'])} | {fmt_t(r['read_s'])} | {fmt_t(r['use_s'])} | {r['note']} |")
-        lines.append("")
+            rows.append([r["what"], C.fmt_bytes(r["bytes"]), ratio, fmt_t(r["write_s"]), fmt_t(r["read_s"]), fmt_t(r["use_s"]), r["note"]])
+        lines += [C.md_table(["file", "bytes", "dense / this", "write", "read", "apply_ (verify full)", "notes"], rows), ""]
     return "\n".join(lines)
 
 
@@ -236,12 +230,10 @@ def main():
     models = args.models or (["resnet34"] if args.quick else list(C.MODEL_NAMES))
     device = torch.device("cpu")
     env = C.environment(device)
-    env["command"] = "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:])
+    env["command"] = C.command_line()
     env["timestamp"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    try:
-        env["git"] = subprocess.check_output(["git", "rev-parse", "HEAD"], text=True, stderr=subprocess.DEVNULL, cwd=HERE).strip()
-    except (OSError, subprocess.CalledProcessError):
-        env["git"] = None
+    env["git"] = C.git_revision()
+    env["fishkern_source_sha256"] = C.source_digest()
     t = time.perf_counter()
     results = []
     for name in models:
@@ -256,10 +248,8 @@ def main():
     print(md)
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"checkpoints_{device.type}{'_quick' if args.quick else ''}")
-    with open(stem + ".md", "w") as f:
-        f.write(md)
-    with open(stem + ".json", "w") as f:
-        json.dump({"environment": env, "results": results}, f, indent=1)
+    C.write_text(stem + ".md", md)
+    C.write_json(stem + ".json", {"environment": env, "results": results})
     print(f"wrote {stem}.md and {stem}.json ({env['total_s']:.0f} s)")
 
 

@@ -23,7 +23,6 @@ import gc
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,9 +31,19 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import build_model, count_params, environment, model_description  # noqa: E402
+from _common import (  # noqa: E402
+    build_model,
+    command_line,
+    count_params,
+    environment,
+    git_revision,
+    md_table,
+    model_description,
+    source_digest,
+    write_json,
+    write_text,
+)
 
-import fishkern  # noqa: E402
 from fishkern import FishMask, MaskedAdamW  # noqa: E402
 from fishkern.distributed import masked_ddp  # noqa: E402
 
@@ -141,16 +150,6 @@ def worker(args) -> None:
         write(args, device, gathered)
 
 
-def _git() -> str:
-    try:
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=RESULTS.parent).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "fishkern"], capture_output=True, text=True,
-                               cwd=RESULTS.parent).stdout.strip()
-        return rev + ("+dirty(fishkern/)" if dirty else "")
-    except OSError:
-        return "unknown"
-
-
 def write(args, device, per_rank: list[list[dict]]) -> None:
     env = environment(device)
     world = len(per_rank)
@@ -170,15 +169,14 @@ def write(args, device, per_rank: list[list[dict]]) -> None:
         load = None
     stem = Path(args.out) if args.out else RESULTS / f"ddp_{device.type}"
     meta = {
-        "command": "python " + " ".join(sys.argv), "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-        "git": _git(), "world_size": world, "backend": dist.get_backend(), "environment": env,
+        "command": command_line(), "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        "git": git_revision(), "fishkern_source_sha256": source_digest(), "world_size": world, "backend": dist.get_backend(),
+        "environment": env,
         "model": model_description("bert-large", args.quick), "batch_per_rank": args.batch, "seq": args.seq,
         "warmup": args.warmup, "steps": args.steps, "load_average_1min_at_end": load,
     }
     stem.parent.mkdir(parents=True, exist_ok=True)
-    tmp = stem.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    os.replace(tmp, stem.with_suffix(".json"))
+    write_json(stem.with_suffix(".json"), {"meta": meta, "rows": rows})
     render(meta, rows, stem)
 
 
@@ -200,16 +198,13 @@ def render(meta: dict, rows: list[dict], stem: Path) -> None:
         "- bytes per step and rank: masked hooks counted at `torch.distributed.all_reduce`; dense = 4 × the "
         "parameters DDP buckets (parameters without a masked entry are frozen by the optimizer before DDP wraps the "
         "model, so DDP buckets only the rest).", "",
-        "| density | k | method | bytes / step / rank | dense / this | step | no_sync | reduction | step speed-up vs dense |",
-        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in rows:
-        lines.append(
-            f"| {100 * r['density']:g}% | {r['k']:,} | {r['method']} | {r['bytes_per_step'] / 1e6:,.3f} MB | "
-            f"{r['bytes_vs_dense']:,.0f}× | {r['step_s'] * 1e3:,.0f} ms | {r['no_sync_s'] * 1e3:,.0f} ms | "
-            f"{r['reduction_s'] * 1e3:,.0f} ms | {r['step_speedup_vs_dense']:.2f}× |"
-        )
-    (stem.with_suffix(".md")).write_text("\n".join(lines) + "\n")
+    table = [[f"{100 * r['density']:g}%", f"{r['k']:,}", r["method"], f"{r['bytes_per_step'] / 1e6:,.3f} MB",
+              f"{r['bytes_vs_dense']:,.0f}×", f"{r['step_s'] * 1e3:,.0f} ms", f"{r['no_sync_s'] * 1e3:,.0f} ms",
+              f"{r['reduction_s'] * 1e3:,.0f} ms", f"{r['step_speedup_vs_dense']:.2f}×"] for r in rows]
+    lines.append(md_table(["density", "k", "method", "bytes / step / rank", "dense / this", "step", "no_sync", "reduction",
+                           "step speed-up vs dense"], table))
+    write_text(stem.with_suffix(".md"), "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -34,14 +34,10 @@ import cProfile
 import csv
 import datetime as _dt
 import gc
-import hashlib
+import io
 import json
-import math
-import os
 import pstats
 import resource
-import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -59,23 +55,33 @@ import fishkern  # noqa: E402
 from _common import (  # noqa: E402
     MODEL_NAMES,
     build_model,
+    command_line,
     count_params,
     cpu_snapshot,
     dense_float_masks,
     environment,
+    fmt_bytes,
     free_memory,
+    git_revision,
     interference,
-    wait_for_quiet,
+    log,
     make_batch,
+    md_table,
     model_description,
+    print_child_result,
     proc_status_kib,
     random_mask_indices,
     reset_peak_rss,
+    run_child,
+    source_digest,
     state_tensor_bytes,
     summarize,
     synchronize,
     time_calls,
     training_loss,
+    wait_for_quiet,
+    write_json,
+    write_text,
 )
 
 DEFAULT_DENSITIES_PCT = (0.02, 0.1, 0.5, 2.5, 10.0)
@@ -121,25 +127,10 @@ def fmt_ms(seconds: float | None) -> str:
     return f"{ms:.2f} ms"
 
 
-def fmt_bytes(n: float | None) -> str:
-    if n is None:
-        return "n/a"
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):  # decimal units, as in docs/design.md
-        if n >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{int(n)} B"
-
-
 def fmt_x(x: float | None) -> str:
     if x is None:
         return "n/a"
     return f"{x:,.0f}×" if x >= 100 else f"{x:.1f}×"
-
-
-def md_table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines)
 
 
 def index_bytes(params) -> int:
@@ -150,28 +141,6 @@ def fill_random_grads(params, seed: int) -> None:
     g = torch.Generator(device=params[0].device).manual_seed(seed)
     for p in params:
         p.grad = torch.randn(p.shape, generator=g, dtype=p.dtype, device=p.device)
-
-
-def source_digest() -> str:
-    """sha256 of fishkern's Python sources, so a result names the exact code it measured."""
-    h = hashlib.sha256()
-    for f in sorted((REPO / "fishkern").rglob("*.py")):
-        h.update(str(f.relative_to(REPO)).encode())
-        h.update(f.read_bytes())
-    return h.hexdigest()[:16]
-
-
-def git_revision() -> str | None:
-    try:
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "fishkern"], cwd=REPO, capture_output=True, text=True, timeout=10).stdout.strip()
-        return rev + ("+dirty(fishkern/)" if dirty else "") if rev else None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 # ==================================================================================================
@@ -458,15 +427,12 @@ def run_memory(args, device: torch.device) -> list[dict[str, Any]]:
             configs += ["sgd_dense", "sgd_original", "masked_sgd", "masked_sgd_free"]
         for config in configs:
             spec = {"model": name, "config": config, "device": str(device), "quick": args.quick, "density_pct": MEMORY_DENSITY_PCT}
-            cmd = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)]
             t0 = time.perf_counter()
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            line = next((ln for ln in reversed(proc.stdout.splitlines()) if ln.startswith("CHILD_RESULT ")), None)
-            if proc.returncode != 0 or line is None:
+            r, proc = run_child(__file__, spec)
+            if r is None:
                 log(f"  memory {name} {config}: child failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}")
                 results.append({"model": name, "config": config, "description": MEMORY_CONFIGS[config][1], "error": proc.stderr[-3000:]})
                 continue
-            r = json.loads(line[len("CHILD_RESULT "):])
             r["child_wall_s"] = time.perf_counter() - t0
             if device.type == "cuda":
                 log(f"  memory {name} {config}: after build {fmt_bytes(r['cuda_allocated_after_build_bytes'])}, "
@@ -611,28 +577,30 @@ def render(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _csv_text(rows: list[list[Any]]) -> str:
+    f = io.StringIO(newline="")
+    csv.writer(f).writerows(rows)
+    return f.getvalue()
+
+
 def write_csv(report: dict[str, Any], path: Path, mem_path: Path) -> None:
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["model", "optimizer", "variant", "density_pct", "k", "median_ms", "min_ms", "n_samples", "state_bytes", "mask_bytes",
-                    "disturbed", "error"])
-        for m in report["models"]:
-            for e in m["masked"]:
-                w.writerow([m["model"], e["optimizer"], "masked", e["density_pct"], e["k"], e["median_s"] * 1e3, e["min_s"] * 1e3,
-                            len(e["samples_s"]), e["state_bytes"], 0, e.get("disturbed", ""), ""])
-            for d in m["dense"]:
-                w.writerow([m["model"], d["optimizer"], d["variant"], d.get("mask_density_pct", ""), "",
-                            "" if d["median_s"] is None else d["median_s"] * 1e3, "" if d["min_s"] is None else d["min_s"] * 1e3,
-                            len(d["samples_s"]), d["state_bytes"], d.get("mask_bytes", ""), d.get("disturbed", ""), d.get("error") or ""])
+    rows: list[list[Any]] = [["model", "optimizer", "variant", "density_pct", "k", "median_ms", "min_ms", "n_samples", "state_bytes",
+                              "mask_bytes", "disturbed", "error"]]
+    for m in report["models"]:
+        for e in m["masked"]:
+            rows.append([m["model"], e["optimizer"], "masked", e["density_pct"], e["k"], e["median_s"] * 1e3, e["min_s"] * 1e3,
+                         len(e["samples_s"]), e["state_bytes"], 0, e.get("disturbed", ""), ""])
+        for d in m["dense"]:
+            rows.append([m["model"], d["optimizer"], d["variant"], d.get("mask_density_pct", ""), "",
+                         "" if d["median_s"] is None else d["median_s"] * 1e3, "" if d["min_s"] is None else d["min_s"] * 1e3,
+                         len(d["samples_s"]), d["state_bytes"], d.get("mask_bytes", ""), d.get("disturbed", ""), d.get("error") or ""])
+    write_text(path, _csv_text(rows))
     if report.get("memory"):
-        with open(mem_path, "w", newline="") as f:
-            w = csv.writer(f)
-            keys = ["model", "config", "density_pct", "k", "params", "state_bytes", "mask_bytes", "rss_start_kib", "rss_after_build_kib",
-                    "peak_rss_build_kib", "peak_rss_steps_kib", "peak_rss_overall_kib", "ru_maxrss_kib", "cuda_allocated_after_build_bytes",
-                    "cuda_max_allocated_steps_bytes", "error"]
-            w.writerow(keys)
-            for r in report["memory"]:
-                w.writerow([r.get(k_, "") if r.get(k_) is not None else "" for k_ in keys])
+        keys = ["model", "config", "density_pct", "k", "params", "state_bytes", "mask_bytes", "rss_start_kib", "rss_after_build_kib",
+                "peak_rss_build_kib", "peak_rss_steps_kib", "peak_rss_overall_kib", "ru_maxrss_kib", "cuda_allocated_after_build_bytes",
+                "cuda_max_allocated_steps_bytes", "error"]
+        rows = [keys] + [[r.get(k_, "") if r.get(k_) is not None else "" for k_ in keys] for r in report["memory"]]
+        write_text(mem_path, _csv_text(rows))
 
 
 # ==================================================================================================
@@ -679,7 +647,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.child is not None:
-        print("CHILD_RESULT " + json.dumps(memory_child(json.loads(args.child))), flush=True)
+        print_child_result(memory_child(json.loads(args.child)))
         return 0
     global RETRIES, QUIET_WAIT_S
     RETRIES = max(0, args.retries)
@@ -689,7 +657,7 @@ def main(argv=None) -> int:
         raise SystemExit("--device cuda requested but CUDA is not available")
     t_start = time.perf_counter()
     env = environment(device)
-    command = "python " + " ".join(shlex.quote(a) for a in sys.argv) if argv is None else "main(" + repr(argv) + ")"
+    command = command_line(argv)
     report: dict[str, Any] = {
         "benchmark": "masked_optim",
         "device": device.type,
@@ -723,13 +691,13 @@ def main(argv=None) -> int:
     stem = f"masked_optim_{device.type}" + ("_quick" if args.quick else "")
     if profiles:
         prof_path = out_dir / f"{stem}_profile.txt"
-        prof_path.write_text("\n\n".join(profiles) + "\n")
+        write_text(prof_path, "\n\n".join(profiles) + "\n")
         report["profile_file"] = str(prof_path.relative_to(REPO)) if prof_path.resolve().is_relative_to(REPO) else str(prof_path)
     report["total_wall_s"] = time.perf_counter() - t_start
     md = render(report)
     print(md)
-    (out_dir / f"{stem}.md").write_text(md + "\n")
-    (out_dir / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
+    write_text(out_dir / f"{stem}.md", md + "\n")
+    write_json(out_dir / f"{stem}.json", report)
     write_csv(report, out_dir / f"{stem}.csv", out_dir / f"{stem}_memory.csv")
     log(f"wrote {out_dir}/{stem}.{{md,json,csv}} in {report['total_wall_s']:.0f} s")
     return 0

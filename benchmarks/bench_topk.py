@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import statistics
-import subprocess
 import sys
 
 import torch
@@ -128,12 +126,6 @@ def run_model(name, args, device):
     return rows
 
 
-def fmt_bytes(b):
-    if b is None:
-        return "n/a"
-    return f"{b / 2**20:,.1f} MiB"
-
-
 def markdown(rows, env, args, device):
     lines = [
         f"# fishkern global top-k benchmark — {device.type}",
@@ -144,26 +136,28 @@ def markdown(rows, env, args, device):
         f"- timestamp: {env['timestamp']}",
         "- scores: log-normal exp(4·N(0,1)) fp32, one tensor per parameter of the model; baselines concatenate "
         "first (concatenation included in their time). Times are medians; extra memory is the peak above the "
-        "scores themselves (CUDA: peak allocated; CPU: growth of the peak RSS, a LOWER BOUND only, since the process reuses memory freed by earlier rows: read the large rows, e.g. torch.topk's 6.4 GB concatenation + sort buffers, not the zeros).",
+        "scores themselves, decimal units (CUDA: peak allocated; CPU: growth of the peak RSS, a LOWER BOUND only, since the process reuses memory freed by earlier rows: read the large rows, e.g. torch.topk's concatenation + sort buffers, not the zeros).",
         "",
-        "| model | density | k | fishkern | extra mem | torch.topk (cat) | extra mem | speed-up | torch.kthvalue (cat) | speed-up | selection vs torch.topk |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    table = []
     for r in rows:
         f = r["fishkern"]
         tk = r.get("torch.topk")
         kv = r.get("torch.kthvalue")
-        lines.append(
-            f"| {r['model']} | {r['density']:.2%} | {r['k']:,} | {f[0] * 1e3:,.1f} ms | {fmt_bytes(f[2])} | "
-            + (f"{tk[0] * 1e3:,.0f} ms | {fmt_bytes(tk[2])} | {tk[0] / f[0]:.1f}× | " if tk else "– | – | – | ")
-            + (f"{kv[0] * 1e3:,.0f} ms | {kv[0] / f[0]:.1f}× | " if kv else "– | – | ")
-            + f"{r.get('agrees_with_torch_topk', '–')} |"
+        table.append(
+            [r["model"], f"{r['density']:.2%}", f"{r['k']:,}", f"{f[0] * 1e3:,.1f} ms", C.fmt_bytes(f[2])]
+            + ([f"{tk[0] * 1e3:,.0f} ms", C.fmt_bytes(tk[2]), f"{tk[0] / f[0]:.1f}×"] if tk else ["–", "–", "–"])
+            + ([f"{kv[0] * 1e3:,.0f} ms", f"{kv[0] / f[0]:.1f}×"] if kv else ["–", "–"])
+            + [str(r.get("agrees_with_torch_topk", "–"))]
         )
+    lines.append(C.md_table(["model", "density", "k", "fishkern", "extra mem", "torch.topk (cat)", "extra mem", "speed-up",
+                             "torch.kthvalue (cat)", "speed-up", "selection vs torch.topk"], table))
     if device.type == "cuda":
-        lines += ["", "| model | density | effective GB/s (one read) | fraction of peak |", "|---|---|---|---|"]
+        bw = []
         for r in rows:
             gbs = 4 * r["n"] / r["fishkern"][0] / 1e9
-            lines.append(f"| {r['model']} | {r['density']:.2%} | {gbs:,.0f} | {gbs / args.peak_gbps:.0%} |")
+            bw.append([r["model"], f"{r['density']:.2%}", f"{gbs:,.0f}", f"{gbs / args.peak_gbps:.0%}"])
+        lines += ["", C.md_table(["model", "density", "effective GB/s (one read)", "fraction of peak"], bw)]
     return "\n".join(lines) + "\n"
 
 
@@ -181,12 +175,10 @@ def main():
     args = ap.parse_args()
     device = torch.device(args.device)
     env = C.environment(device)
-    env["command"] = "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:])
+    env["command"] = C.command_line()
     env["timestamp"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    try:
-        env["git"] = subprocess.check_output(["git", "rev-parse", "HEAD"], text=True, stderr=subprocess.DEVNULL).strip()
-    except (OSError, subprocess.CalledProcessError):
-        env["git"] = None
+    env["git"] = C.git_revision()
+    env["fishkern_source_sha256"] = C.source_digest()
     rows = []
     for name in args.models:
         rows += run_model(name, args, device)
@@ -194,10 +186,8 @@ def main():
     print(md)
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"topk_{device.type}{'_quick' if args.quick else ''}")
-    with open(stem + ".md", "w") as f:
-        f.write(md)
-    with open(stem + ".json", "w") as f:
-        json.dump({"environment": env, "rows": rows}, f, indent=1)
+    C.write_text(stem + ".md", md)
+    C.write_json(stem + ".json", {"environment": env, "rows": rows})
     print(f"wrote {stem}.md and {stem}.json")
 
 

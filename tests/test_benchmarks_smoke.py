@@ -1,0 +1,119 @@
+"""The benchmarks' shared pieces and the split Fisher benchmark, on a tiny model (seconds): every
+method runs, the scores of the loop and vmap match fishkern's, and the report renders. No timings
+are asserted."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    sys.path.insert(0, str(BENCH))
+    try:
+        import _common
+
+        from fisher import cli, load, methods, render, timing, workloads
+
+        yield {"C": _common, "cli": cli, "load": load, "methods": methods, "render": render, "timing": timing,
+               "workloads": workloads, "Quiet": load.Quiet}
+    finally:  # the benchmarks' top-level names (_common, fisher) leave with their path
+        sys.path.remove(str(BENCH))
+        for name in [m for m in sys.modules if m == "_common" or m == "fisher" or m.startswith("fisher.")]:
+            del sys.modules[name]
+
+
+def test_common_formatting_and_files(bench, tmp_path):
+    C = bench["C"]
+    assert [C.fmt_bytes(x) for x in (None, 0, 999, 1000, 441_350_000, 2.68e9, -1200)] == \
+        ["n/a", "0 B", "999 B", "1.00 kB", "441.35 MB", "2.68 GB", "-1.20 kB"]
+    assert C.md_table(["a", "b"], [["1", "2"]]) == "| a | b |\n|---|---|\n| 1 | 2 |"
+    C.write_json(tmp_path / "r.json", {"x": 1, "p": tmp_path})  # a Path is written with str()
+    assert json.loads((tmp_path / "r.json").read_text()) == {"x": 1, "p": str(tmp_path)}
+    assert C.command_line(["--quick"]) == "main(['--quick'])"
+    assert len(C.source_digest()) == 16
+
+
+def test_benchmark_resnet_is_the_package_model(bench):
+    from fishkern.models import CifarResNet, resnet34_cifar
+
+    C = bench["C"]
+    with torch.device("meta"):
+        full, quick = C.build_model("resnet34"), C.build_model("resnet34", quick=True)
+    assert type(full) is CifarResNet and C.count_params(full) == C.RESNET34_PARAMS == 21_282_122
+    assert [k for k in full.state_dict()] == [k for k in resnet34_cifar().state_dict()]
+    assert quick.blocks == (1, 1, 1, 1) and quick.widths == (64, 128, 256, 512)
+
+
+def test_run_child_protocol(bench, tmp_path):
+    C = bench["C"]
+    script = tmp_path / "child.py"
+    script.write_text("import json, sys\nspec = json.loads(sys.argv[2])\nprint('noise')\n"
+                      "print('CHILD_RESULT ' + json.dumps({'twice': 2 * spec['x']}))\n")
+    result, proc = C.run_child(script, {"x": 21})
+    assert result == {"twice": 42} and proc.returncode == 0
+    script.write_text("import sys\nsys.exit(3)\n")
+    result, proc = C.run_child(script, {})
+    assert result is None and proc.returncode == 3
+
+
+def test_fisher_benchmark_on_a_tiny_model(bench, monkeypatch):
+    """fishkern (with and without its self-check), the loop and the floor through the benchmark's
+    own path. vmap is left out: its first call imports torch.func's tracing stack, which alone
+    takes longer than this file may (the quick benchmark run exercises it)."""
+    from fishkern.models import cifar_resnet
+
+    wls, timing, render, cli = bench["workloads"], bench["timing"], bench["render"], bench["cli"]
+    torch.manual_seed(0)
+    model = cifar_resnet(blocks=(1,), widths=(4,), num_classes=3).eval()
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(3, 3, 8, 8, generator=g), torch.randint(0, 3, (3,), generator=g)) for _ in range(2)]
+    n = 5  # the last batch is cut
+    wl = wls.Workload("tiny", "tiny ResNet", "a tiny ResNet", hf=False, synthetic=True, n=n, batch_size=3, model=model,
+                      batches=batches, vmap_chunk=2, loop_n=n, vmap_n=n, data_stats={"params": 1})
+    assert sum(wls.batch_size(b) for b in wls.iter_samples(batches, n)) == n
+    args = cli.parse_args(["--device", "cpu", "--reps", "1", "--slow-reps", "1", "--skip-memory", "--no-profile"])
+    methods = ["fishkern", "fishkern-nocheck", "loop", "floor"]
+    # not under test, and slow on a loaded machine: the 1024² matmul probes and a gc.collect() per call
+    monkeypatch.setattr(timing, "probe", lambda cpu: {"loadavg": None})
+    monkeypatch.setattr(timing, "free_memory", lambda: None)
+    monkeypatch.setattr(bench["load"], "free_memory", lambda: None)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model: a second thread only waits for a core
+    try:
+        w = timing.bench_workload(wl, args, torch.device("cpu"), methods, bench["Quiet"](0, 0, 0))
+    finally:
+        torch.set_num_threads(threads)
+    for m in methods:
+        r = w["methods"][m]
+        assert not r.get("error"), (m, r.get("error"))
+        assert len(r["calls"]) == 1 and r["time_for_n_s"] > 0 and r["n_measured"] == n
+    # the loop computes the same Fisher as fishkern, on the same samples
+    assert set(w["checks"]) == {"loop"} and w["checks"]["loop"]["n"] == n and w["checks"]["loop"]["max_rel_error"] < 1e-4
+    assert {"loop/fishkern", "fishkern/floor", "fishkern/fishkern-nocheck"} <= set(w["ratios"])
+    report = {"device": "cpu", "environment": {"device_description": "test", "python": "3", "torch": torch.__version__,
+                                               "transformers": None, "triton": None, "fishkern": "x"},
+              "git": None, "fishkern_source_sha256": "0", "command": "test", "timestamp": "now", "timing_method": "t",
+              "settings": {"quick": True, "reps": 1, "slow_reps": 1, "vmap_attn": "eager"}, "workloads": [w]}
+    md = render.render(report)
+    assert "## tiny ResNet" in md and "| method (N=5) |" in md
+    assert md.count("| not measured | not measured |") == len(methods)  # no memory children in this run
+
+
+def test_bench_fisher_entry_point(bench):
+    """The memory children run the entry script; its options are the CLI's (``--help`` is not run
+    here: a fresh interpreter importing torch costs more than this whole file)."""
+    from fisher import memory
+
+    assert memory.ENTRY == BENCH / "bench_fisher.py" and memory.ENTRY.is_file()
+    assert "from fisher.cli import main" in memory.ENTRY.read_text()
+    args = bench["cli"].parse_args(["--quick", "--device", "cpu"])
+    assert args.skip_memory and args.reps == 2 and args.slow_reps == 1 and args.workloads == ["minilm-vader", "minilm-synth-t64"]
+    with pytest.raises(SystemExit):
+        bench["cli"].parse_args(["--reps", "0"])
