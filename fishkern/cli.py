@@ -14,58 +14,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+# argument types shared with the runners' subcommands: below both (no import cycle)
+from .runners.args import add_common, add_out_dir, fraction, non_negative_float, positive_float, positive_int
+
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_FILES, EXIT_INPUT, EXIT_DEPENDENCY = 0, 1, 2, 3, 4, 5
-
-
-def _fraction(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0.0 < v <= 1.0:
-        raise argparse.ArgumentTypeError(f"a density is a fraction in (0, 1] (0.005 means 0.5%), got {text}")
-    return v
-
-
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
-    return v
-
-
-def _positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return v
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not v >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return v
-
-
-def add_out_dir(p: argparse.ArgumentParser, default: str) -> None:
-    """``--out-dir``, also spelled ``--output-dir`` and ``--output_dir`` (Hugging Face's name)."""
-    p.add_argument("--out-dir", "--output-dir", "--output_dir", dest="out_dir", default=default, metavar="DIR",
-                   help="output directory (default: %(default)s)")
-
-
-def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--overwrite", action="store_true", help="replace results already in the output directory")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,16 +46,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_out_dir(demo, d.out_dir)
     demo.add_argument("--seeds", type=int, nargs="+", default=list(d.seeds), help="training seeds; results are averaged (default: %(default)s)")
-    demo.add_argument("--density", type=_fraction, default=d.density, help="density of the main comparison (default: %(default)s = 0.5%%)")
-    demo.add_argument("--sweep", type=_fraction, nargs="+", default=list(d.sweep), help="densities of the FISH vs random sweep (default: %(default)s)")
-    demo.add_argument("--num-samples", type=_positive_int, default=d.num_samples, help="Fisher samples N (default: %(default)s)")
-    demo.add_argument("--epochs", type=_positive_int, default=d.epochs, help="training epochs (default: %(default)s)")
-    demo.add_argument("--batch-size", type=_positive_int, default=d.batch_size, help="batch size (default: %(default)s)")
-    demo.add_argument("--lr-dense", type=_positive_float, default=d.lr_dense, help="learning rate of dense AdamW (default: %(default)s)")
-    demo.add_argument("--lr-sparse", type=_positive_float, default=d.lr_sparse, help="learning rate of the masked runs and BitFit (default: %(default)s)")
-    demo.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's choice)")
+    demo.add_argument("--density", type=fraction, default=d.density, help="density of the main comparison (default: %(default)s = 0.5%%)")
+    demo.add_argument("--sweep", type=fraction, nargs="+", default=list(d.sweep), help="densities of the FISH vs random sweep (default: %(default)s)")
+    demo.add_argument("--num-samples", type=positive_int, default=d.num_samples, help="Fisher samples N (default: %(default)s)")
+    demo.add_argument("--epochs", type=positive_int, default=d.epochs, help="training epochs (default: %(default)s)")
+    demo.add_argument("--batch-size", type=positive_int, default=d.batch_size, help="batch size (default: %(default)s)")
+    demo.add_argument("--lr-dense", type=positive_float, default=d.lr_dense, help="learning rate of dense AdamW (default: %(default)s)")
+    demo.add_argument("--lr-sparse", type=positive_float, default=d.lr_sparse, help="learning rate of the masked runs and BitFit (default: %(default)s)")
+    demo.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
     demo.add_argument("--quick", action="store_true", help="a tiny smoke run (96 training words, one seed, one epoch): checks the set-up, not the method")
-    _add_common(demo)
+    add_common(demo)
 
     from .runners import PAPER_MODEL
 
@@ -122,24 +74,24 @@ def build_parser() -> argparse.ArgumentParser:
                       "train/validation CSV, TSV, JSON or JSONL files (default: download nyu-mll/glue)")
     add_out_dir(glue, "fishkern-glue")
     glue.add_argument("--methods", nargs="+", default=["fish"], choices=["dense", "fish", "random", "bitfit"], help="methods to run (default: fish)")
-    glue.add_argument("--density", type=_fraction, nargs="+", default=[0.005], help="mask densities as fractions (default: 0.005)")
-    glue.add_argument("--num-samples", type=_positive_int, nargs="+", default=[1024], help="Fisher samples N (default: 1024)")
-    glue.add_argument("--epochs", type=_positive_int, default=7, help="default: %(default)s")
-    glue.add_argument("--lr", type=_positive_float, default=5e-5, help="default: %(default)s")
-    glue.add_argument("--batch-size", type=_positive_int, default=None, help="default: 16, 8 for RTE")
-    glue.add_argument("--max-length", type=_positive_int, default=128, help="maximum sequence length (default: %(default)s)")
-    glue.add_argument("--weight-decay", type=_non_negative_float, default=0.0, help="AdamW weight decay on the trained entries (default: 0, as the paper)")
+    glue.add_argument("--density", type=fraction, nargs="+", default=[0.005], help="mask densities as fractions (default: 0.005)")
+    glue.add_argument("--num-samples", type=positive_int, nargs="+", default=[1024], help="Fisher samples N (default: 1024)")
+    glue.add_argument("--epochs", type=positive_int, default=7, help="default: %(default)s")
+    glue.add_argument("--lr", type=positive_float, default=5e-5, help="default: %(default)s")
+    glue.add_argument("--batch-size", type=positive_int, default=None, help="default: 16, 8 for RTE")
+    glue.add_argument("--max-length", type=positive_int, default=128, help="maximum sequence length (default: %(default)s)")
+    glue.add_argument("--weight-decay", type=non_negative_float, default=0.0, help="AdamW weight decay on the trained entries (default: 0, as the paper)")
     glue.add_argument("--fisher-kind", choices=["empirical", "true"], default="empirical", help="default: %(default)s")
     glue.add_argument("--seed", type=int, default=0, help="default: %(default)s")
     glue.add_argument("--device", default=None, help="cpu, cuda, cuda:1… (default: cuda when available); "
                       "one this machine lacks is refused at once")
-    glue.add_argument("--max-train-samples", type=_positive_int, default=None, help="use only the first N training examples")
-    glue.add_argument("--max-eval-samples", type=_positive_int, default=None, help="use only the first N validation examples")
-    _add_common(glue)
+    glue.add_argument("--max-train-samples", type=positive_int, default=None, help="use only the first N training examples")
+    glue.add_argument("--max-eval-samples", type=positive_int, default=None, help="use only the first N validation examples")
+    add_common(glue)
 
-    from .runners import cifar
+    from .runners.cifar.command import add_parser as add_cifar
 
-    cifar.add_parser(sub, _add_common)
+    add_cifar(sub, add_common)
 
     from . import env
 

@@ -27,14 +27,13 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .fisher import estimate_fisher
+from .fisher.mask import MASK_METHODS, make_mask
 from .mask import FishMask
-from .mask.builders import from_scores
 from .mask.heads import head_names
 from .memory import PeakMemory
 from .optim import MaskedAdamW
 
-METHODS = ("dense", "fish", "random", "bitfit")
+METHODS = MASK_METHODS
 
 
 @dataclass
@@ -104,28 +103,14 @@ def select_mask(
 ) -> tuple[FishMask | None, Any]:
     """The mask of a method (None for dense) and the Fisher result (FISH only). ``head``: the
     rule of ``fishkern.mask.heads.head_names`` (None: "classifier" / "score"; () forces nothing),
-    the same for every method."""
+    the same for every method. The switch itself is ``fishkern.fisher.mask.make_mask``."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     head = head_names(model, head)  # checked for dense too (as before): a wrong head is a wrong config
-    if method == "dense":
-        return None, None
-    if method == "bitfit":
-        return FishMask.bitfit(model.named_parameters(), head=head), None
-    if method == "random":
-        return FishMask.random(model.named_parameters(), density, seed=seed, force=head), None
-    if method == "fish":
-        if fisher_data is None:
-            raise ValueError("the FISH mask needs data for the Fisher estimate (fisher_data)")
-        result = estimate_fisher(model, fisher_data, num_samples, kind=fisher_kind, seed=seed, progress=progress)
-        scores = {n: result.scores[n].float() if n in result.scores else torch.zeros(p.shape, device=p.device)
-                  for n, p in model.named_parameters()}
-        frozen = [n for n, _ in model.named_parameters() if n not in result.scores]
-        mask = from_scores(
-            scores, density, force=head, exclude=frozen,
-            provenance={"fisher_kind": fisher_kind, "fisher_samples": result.num_samples,
-                        "fisher_seconds": round(result.seconds, 3), "fisher_implementation": result.implementation},
-        )
-        return mask, result
-    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method == "fish" and fisher_data is None:
+        raise ValueError("the FISH mask needs data for the Fisher estimate (fisher_data)")
+    return make_mask(model, method, density, data=fisher_data, num_samples=num_samples, force=head, seed=seed,
+                     kind=fisher_kind, progress=progress)
 
 
 def build_optimizer(model: nn.Module, mask: FishMask | None, config: FinetuneConfig) -> torch.optim.Optimizer:
@@ -161,41 +146,91 @@ def _clip(model, optimizer, max_norm):
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], max_norm)
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+LOG_EVERY_S = 0.5  # the progress bar's loss is read (a device sync) at most this often, and at each epoch end
+
+
+class _StepClock:
+    """Step and optimizer-step times without a device sync per step: CUDA events recorded around
+    each step and read once, at the end of the epoch (one sync); on other devices the host clock
+    (their work is done when the call returns). ``mark(0)`` before the batch moves, ``mark(1)``
+    after backward, ``mark(2)`` after the optimizer step."""
+
+    def __init__(self, device: torch.device, enabled: bool):
+        self.cuda = enabled and device.type == "cuda"
+        self.enabled = enabled
+        self.marks: list[list] = []
+
+    def mark(self, i: int) -> None:
+        if not self.enabled:
+            return
+        if i == 0:
+            self.marks.append([None, None, None])
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            self.marks[-1][i] = ev
+        else:
+            self.marks[-1][i] = time.perf_counter()
+
+    def read(self, step_times: list[float], opt_times: list[float]) -> None:
+        """Append the seconds of every marked step (the one sync of the epoch on CUDA)."""
+        if self.cuda and self.marks:
+            self.marks[-1][2].synchronize()
+            for a, b, c in self.marks:
+                step_times.append(a.elapsed_time(c) / 1e3)
+                opt_times.append(b.elapsed_time(c) / 1e3)
+        else:
+            for a, b, c in self.marks:
+                step_times.append(c - a)
+                opt_times.append(c - b)
+        self.marks.clear()
 
 
 def train_epoch(model, batches, optimizer, scheduler, *, max_grad_norm=None, device=None, progress=None,
                 step_times=None, opt_times=None) -> float:
     """One epoch of the standard loop: forward (HF models compute the loss from "labels"), backward,
     clip, optimizer step, scheduler step, zero_grad. Returns the mean training loss. A batch with a
-    ``loss_scale`` (a data-parallel rank's share, see ShardedBatches) scales its loss for backward."""
+    ``loss_scale`` (a data-parallel rank's share, see ShardedBatches) scales its loss for backward.
+
+    No host-device sync per step: the loss is summed on the device (float64, so the mean equals the
+    sum of the per-step Python floats it replaces) and read when the progress bar shows it (at most
+    every ``LOG_EVERY_S`` seconds) and at the end; step times come from CUDA events read at the end."""
     device = device or next(model.parameters()).device
     model.train()
-    total, n = 0.0, 0
+    clock = _StepClock(device, step_times is not None)
+    show = progress is not None and not getattr(progress, "disable", False)
+    acc, n = None, 0  # acc: the running loss sum on the loss's device
+    host_sum = device.type == "mps"  # no float64 there: sum Python floats, as before (a sync per step)
+    last_shown = time.monotonic()
     for batch in batches:
-        t0 = time.perf_counter()
+        clock.mark(0)
         scale = getattr(batch, "loss_scale", 1.0)
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         out = model(**batch)
         (out.loss * scale if scale != 1.0 else out.loss).backward()
-        _sync(device)
-        t1 = time.perf_counter()
+        clock.mark(1)
         _clip(model, optimizer, max_grad_norm)
         optimizer.step()
-        _sync(device)
-        t2 = time.perf_counter()
+        clock.mark(2)
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        total += out.loss.item() * scale  # a rank's share of the global batch's mean loss (times W)
+        # a rank's share of the global batch's mean loss (times W)
+        if host_sum:
+            loss = out.loss.item() * scale
+        else:
+            loss = out.loss.detach().to(torch.float64) * scale
+        acc = loss if acc is None else acc + loss
         n += 1
-        if step_times is not None:
-            step_times.append(t2 - t0)
-            opt_times.append(t2 - t1)
         if progress is not None:
             progress.update(1)
-            progress.set_postfix(loss=f"{total / n:.4f}")
+            if show and time.monotonic() - last_shown >= LOG_EVERY_S:
+                progress.set_postfix(loss=f"{float(acc) / n:.4f}")
+                last_shown = time.monotonic()
+    total = 0.0 if acc is None else float(acc)
+    if show and n:
+        progress.set_postfix(loss=f"{total / n:.4f}")
+    if step_times is not None:
+        clock.read(step_times, opt_times)
     return total / max(1, n)
 
 

@@ -132,7 +132,7 @@ def test_cifar_device_refused_in_process_before_any_output(tmp_path, capsys):
 
 # -------------------------------------------------------------------- errors and bugs
 def test_user_errors_are_one_line_bugs_keep_their_traceback(tmp_path, monkeypatch, capsys):
-    from fishkern.runners import cifar as rc
+    from fishkern.runners.cifar import run as rc  # where the subcommand looks run_cifar up
 
     def bad_input(cfg):
         raise ValueError("the images are 3x3, expected at least 4x4")
@@ -257,7 +257,7 @@ def _captured_figure(monkeypatch, module):
 def test_cifar_plot_labels_bytes_and_benchmark_warns_when_loaded(monkeypatch):
     from fishkern.runners import cifar as rc
 
-    figs = _captured_figure(monkeypatch, rc)
+    figs = _captured_figure(monkeypatch, rc.report)  # the module whose plots call save_figure
     runs = [{"method": "standard", "accuracy": 0.9, "density": None, "merge_interval": None},
             {"method": "fish", "density": 0.1, "merge_interval": 4, "bytes_per_worker": 2e5, "accuracy": 0.85},
             {"method": "fish", "density": 0.1, "merge_interval": 16, "bytes_per_worker": 5e4, "accuracy": 0.8}]

@@ -247,6 +247,7 @@ def test_density_sweep_runs_the_fisher_pass_once_per_n(tmp_path, monkeypatch):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     import fishkern.fisher
+    import fishkern.fisher.mask
     import fishkern.finetune
     from fishkern import FishMask
     from fishkern.data import GlueCollator, tokenize_glue
@@ -261,9 +262,10 @@ def test_density_sweep_runs_the_fisher_pass_once_per_n(tmp_path, monkeypatch):
         calls.append(num_samples)
         return real(model, batches, num_samples, **kw)
 
-    # the runner's pass and finetune's own (where the old code ran it, once per run)
+    # the runner's pass and the mask switch's (finetune's select_mask -> make_mask: where the old
+    # code ran it, once per run)
     monkeypatch.setattr(fishkern.fisher, "estimate_fisher", counting)
-    monkeypatch.setattr(fishkern.finetune, "estimate_fisher", counting)
+    monkeypatch.setattr(fishkern.fisher.mask, "estimate_fisher", counting)
     densities, ns = (0.01, 0.03, 0.1), (4, 8)
     cfg = GlueConfig(task="sst2", model=str(tmp_path / "model"), data_dir=str(data), out_dir=str(tmp_path / "out"),
                      methods=("fish",), densities=densities, num_samples=ns, epochs=1, batch_size=4, progress=False)
@@ -275,7 +277,7 @@ def test_density_sweep_runs_the_fisher_pass_once_per_n(tmp_path, monkeypatch):
     assert all(r["fisher_samples"] == r["num_samples_requested"] for r in rows.values())
 
     # each mask equals the one select_mask computes on its own for that (density, N)
-    monkeypatch.setattr(fishkern.finetune, "estimate_fisher", real)
+    monkeypatch.setattr(fishkern.fisher.mask, "estimate_fisher", real)
     tok = AutoTokenizer.from_pretrained(str(tmp_path / "model"))
     train = tokenize_glue(load_glue("sst2", data), tok, "sst2", 128)["train"].with_format("python")
     for n in ns:

@@ -871,7 +871,7 @@ def test_cifar_rerun_refuses_to_append_to_an_old_chain(tmp_path, monkeypatch, ca
     def no_training(cfg):
         raise _Trained("the run started: data were loaded")
 
-    monkeypatch.setattr(rc, "load_data", no_training)
+    monkeypatch.setattr(rc.run, "load_data", no_training)
     common = ["cifar", "--dataset", "digits", "--methods", "standard", "--epochs", "1", "--lr-warmup-epochs", "0", "--workers", "1",
               "--out-dir", str(out), "--no-progress"]
     args = common + ["--checkpoint-every-epochs", "1"]

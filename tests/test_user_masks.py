@@ -234,3 +234,128 @@ def test_files_get_the_mode_the_umask_gives(tmp_path, umask, want):
         os.umask(old)
     assert len(files) >= 5, files  # the checkpoint wrote its manifest and files
     assert {p.name: oct(_mode(p)) for p in files} == {p.name: oct(want) for p in files}
+
+
+# ----------------------------------------------------------- one mask switch, finetune's loop
+@needs_native
+def test_every_caller_uses_the_one_mask_switch():
+    """fisher_mask, finetune.select_mask and the cifar runner give make_mask's masks (same digest and
+    forced head), for every method; bad methods and arguments are refused by name."""
+    from fishkern.fisher.mask import MASK_METHODS, make_mask
+    from fishkern.finetune import METHODS
+    from fishkern.runners.cifar import CifarConfig
+    from fishkern.runners.cifar import make_mask as cifar_mask
+
+    assert METHODS == MASK_METHODS == ("dense", "fish", "random", "bitfit")
+    model = Classifier()
+    g = torch.Generator().manual_seed(3)
+    data = [(torch.randn(4, 8, generator=g), torch.randint(0, 2, (4,), generator=g)) for _ in range(3)]
+    head = head_names(model)
+    assert make_mask(model, "dense", 0.3) == (None, None) and select_mask(model, "dense", 0.3) == (None, None)
+    for method in ("fish", "random", "bitfit"):
+        kw = {"data": data, "num_samples": 12, "progress": False} if method == "fish" else {}
+        mask, result = make_mask(model, method, 0.3, force=head, seed=1, **kw)
+        assert (result is not None) == (method == "fish") and mask.forced == tuple(head), method
+        fdata = {"fisher_data": data, "num_samples": 12, "progress": False} if method == "fish" else {}
+        assert select_mask(model, method, 0.3, seed=1, **fdata)[0] == mask, method
+    fish, result = make_mask(model, "fish", 0.3, data=data, num_samples=12, force=head, progress=False)
+    assert fisher_mask(model, data, 0.3, 12, force=head, progress=False) == fish
+    assert fish.provenance["fisher_samples"] == result.num_samples == 12
+    assert fish.provenance["fisher_kind"] == "empirical" and fish.provenance["method"] == "fish"
+    assert fish == FishMask.from_scores({n: result.scores[n] for n, _ in model.named_parameters()}, 0.3, force=head)
+    random = FishMask.random(model, 0.3, seed=5, force=head)
+    assert make_mask(model, "random", 0.3, force=head, seed=5)[0] == random
+    assert make_mask(model, "bitfit", force=head)[0] == FishMask.bitfit(model)
+    # the cifar runner: its head ("fc", or none with force_head=False) through the same switch
+    resnet = ResNetLike()
+    for force_head, forced in ((True, ("fc.weight", "fc.bias")), (False, ())):
+        cfg = CifarConfig(force_head=force_head)
+        got = cifar_mask(cfg, resnet, "random", 0.5, None, 0, seed=2, provenance={"run": "r"})
+        assert got == FishMask.random(resnet, 0.5, seed=2, force=list(forced)) and got.forced == forced
+        assert got.provenance["run"] == "r"
+    with pytest.raises(ValueError, match="method must be one of"):
+        make_mask(model, "lora", 0.3)
+    with pytest.raises(ValueError, match=r"needs data for the Fisher estimate \(data=\)"):
+        make_mask(model, "fish", 0.3)
+    with pytest.raises(ValueError, match=r"\(fisher_data\)"):
+        select_mask(model, "fish", 0.3)
+    with pytest.raises(ValueError, match="exclude= does not apply to BitFit"):
+        make_mask(model, "bitfit", exclude="body")
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        make_mask(lambda x: x, "random", 0.3)
+
+
+class _Out:
+    def __init__(self, loss):
+        self.loss = loss
+
+
+class _LossModel(nn.Module):
+    """A Hugging Face-style model: called with the batch, returns ``.loss`` (mean cross entropy)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(6, 3)
+
+    def forward(self, x, labels):
+        return _Out(nn.functional.cross_entropy(self.lin(x), labels))
+
+
+class _Scaled(dict):
+    loss_scale = 0.5  # a data-parallel rank's share of the global batch
+
+
+def _epoch_reference(model, batches, opt, sched):
+    """The loop as it was: the loss read (a sync) after every step, summed in Python floats."""
+    total, n = 0.0, 0
+    for batch in batches:
+        scale = getattr(batch, "loss_scale", 1.0)
+        out = model(**batch)
+        (out.loss * scale if scale != 1.0 else out.loss).backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        total += out.loss.item() * scale
+        n += 1
+    return total / n
+
+
+def test_train_epoch_reads_the_loss_once_per_epoch_and_returns_the_same_mean(monkeypatch):
+    from fishkern import finetune as ft
+    from fishkern._progress import PlainProgress
+
+    g = torch.Generator().manual_seed(1)
+    batches = [(_Scaled if i % 3 == 2 else dict)(x=torch.randn(5, 6, generator=g, dtype=torch.float64),
+                                                   labels=torch.randint(0, 3, (5,), generator=g)) for i in range(7)]
+
+    def setup():
+        model = _LossModel().double()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        return model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / 10)
+
+    ref_model, opt, sched = setup()
+    want = [_epoch_reference(ref_model, batches, opt, sched) for _ in range(2)]
+
+    reads = []
+    real_item, real_float = torch.Tensor.item, torch.Tensor.__float__
+    monkeypatch.setattr(torch.Tensor, "item", lambda t: reads.append("item") or real_item(t))
+    monkeypatch.setattr(torch.Tensor, "__float__", lambda t: reads.append("float") or real_float(t))
+    monkeypatch.setattr(ft, "LOG_EVERY_S", 1e9)  # the bar's loss: only at the epoch's end
+    model, opt, sched = setup()
+    lines = []
+    bar = PlainProgress(14, desc="t", unit="step", stream=type("S", (), {"write": lines.append, "flush": lambda s: 0})())
+    steps, opts = [], []
+    got = []
+    for _ in range(2):
+        reads.clear()
+        got.append(ft.train_epoch(model, batches, opt, sched, progress=bar, step_times=steps, opt_times=opts))
+        assert reads == ["float"], reads  # one read of the summed loss, after the last step
+    assert got == want  # bit for bit: float64 on the device sums what the Python floats summed
+    assert torch.equal(model.lin.weight, ref_model.lin.weight)
+    assert len(steps) == len(opts) == 14 and all(s >= o >= 0 for s, o in zip(steps, opts))
+    bar.close()
+    assert f"loss={want[1]:.4f}" in "".join(lines)
+    reads.clear()
+    assert ft.train_epoch(model, batches, opt, sched) == pytest.approx(want[1], rel=0.5)  # no bar, no times
+    assert reads == ["float"]

@@ -11,71 +11,29 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from .indices import index_dtype_for, update_digest
+from .selection import (  # noqa: F401 (named_shapes, model_identity, ParamsLike: re-exported, imported from here)
+    BooleanMasks,
+    ParamsLike,
+    bitfit_selection,
+    boolean_selection,
+    model_identity,
+    named_shapes,
+    numel_of as _numel,
+    random_selection,
+    scores_selection,
+)
 
 FORMAT = "fishkern.mask"
 FORMAT_VERSION = 1
 _FILE_KEYS = frozenset({"format", "format_version", "shapes", "forced", "provenance", "k", "numel", "digest", "checksum"})
-
-#: a model, its named parameters, or {name: shape}
-ParamsLike = Union[torch.nn.Module, Mapping[str, Tensor], Mapping[str, tuple], Iterable[tuple[str, Tensor]]]
-
-
-def named_shapes(params: ParamsLike) -> dict[str, tuple[int, ...]]:
-    """{name: shape} of a model, of named tensors, or of a {name: shape} mapping, in model order."""
-    if isinstance(params, torch.nn.Module):
-        return {n: tuple(p.shape) for n, p in params.named_parameters()}
-    items = params.items() if isinstance(params, Mapping) else params
-    out = {}
-    for name, value in items:
-        if isinstance(value, Tensor):
-            out[name] = tuple(value.shape)
-        elif isinstance(value, (tuple, list, torch.Size)) and all(
-            isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in value
-        ):
-            out[name] = tuple(value)
-        else:  # e.g. a list of floats or a numpy array: neither a tensor nor a shape
-            raise TypeError(f"{name!r}: expected a tensor or a shape (non-negative ints), got {type(value).__name__} {value!r:.60}")
-    return out
-
-
-def model_identity(params: ParamsLike) -> dict[str, Any] | None:
-    """What a provenance record can say about the model: class, Hugging Face name or path, size."""
-    if not isinstance(params, torch.nn.Module):
-        return None
-    config = getattr(params, "config", None)
-    return {
-        "class": type(params).__name__,
-        "name_or_path": getattr(config, "_name_or_path", None) or None,
-        "num_parameters": sum(p.numel() for p in params.parameters()),
-    }
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
-
-
-class BooleanMasks(dict):
-    """``FishMask.to_boolean()``'s result: {name: bool tensor}, a plain dict that also records which
-    parameters were forced in (``forced``), so that ``FishMask.from_boolean`` gives the same mask
-    back. A copy made with ``dict(...)`` drops the record (pass ``forced=`` then)."""
-
-    def __init__(self, masks=(), forced: tuple[str, ...] = ()):
-        super().__init__(masks)
-        self.forced = tuple(forced)
-
-    def __reduce__(self):  # pickles / deep-copies with its record
-        return (type(self), (dict(self), self.forced))
 
 
 @dataclass(frozen=True)
@@ -215,30 +173,27 @@ class FishMask:
             dict(self.shapes), {n: i.to(device) for n, i in self.indices.items()}, self.forced, dict(self.provenance)
         )
 
-    # ------------------------------------------------------------------ builders (see builders.py)
+    # ------------------------------------------------------------------ builders (documented in builders.py)
+    # The selection module does the work: this class and builders.py both sit on top of it.
     @classmethod
     def from_scores(cls, scores, density=None, **kwargs) -> "FishMask":
-        from .builders import from_scores
-
-        return from_scores(scores, density, **kwargs)
+        """``fishkern.mask.builders.from_scores``: the FISH mask from Fisher scores."""
+        return new_mask(*scores_selection(scores, density, **kwargs))
 
     @classmethod
     def random(cls, params, density=None, **kwargs) -> "FishMask":
-        from .builders import random_mask
-
-        return random_mask(params, density, **kwargs)
+        """``fishkern.mask.builders.random_mask``: the random-mask baseline."""
+        return new_mask(*random_selection(params, density, **kwargs))
 
     @classmethod
     def bitfit(cls, params, **kwargs) -> "FishMask":
-        from .builders import bitfit_mask
-
-        return bitfit_mask(params, **kwargs)
+        """``fishkern.mask.builders.bitfit_mask``: every bias plus the head."""
+        return new_mask(*bitfit_selection(params, **kwargs))
 
     @classmethod
     def from_boolean(cls, masks, **kwargs) -> "FishMask":
-        from .builders import from_boolean
-
-        return from_boolean(masks, **kwargs)
+        """``fishkern.mask.builders.from_boolean``: a mask from dense boolean tensors."""
+        return new_mask(*boolean_selection(masks, **kwargs))
 
     # ------------------------------------------------------------------ files
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> None:

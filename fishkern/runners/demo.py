@@ -117,6 +117,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
 
     from .._progress import progress_bar
     from ..finetune import FinetuneConfig, FinetuneResult, finetune, select_mask
+    from ..fisher.mask import fisher_provenance, model_scores
     from ..mask.builders import from_scores
 
     out = Path(cfg.out_dir)
@@ -172,9 +173,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
                                         num_samples=cfg.num_samples, seed=seed, progress=cfg.progress)
                 fisher_cache[seed] = result
             result = fisher_cache[seed]
-            scores = {n: result.scores[n].float() for n, _ in model.named_parameters()}
-            mask = from_scores(scores, density, force="classifier",
-                               provenance={"fisher_samples": result.num_samples, "fisher_kind": "empirical"})
+            scores, frozen = model_scores(model, result)  # make_mask's FISH scores, kept for every density
+            mask = from_scores(scores, density, force="classifier", exclude=frozen, provenance=fisher_provenance(result))
             extra.update(fisher_seconds=result.seconds, fisher_samples=result.num_samples)
         res = finetune(model, batches(seed), evaluate, fc, mask=mask, progress=cfg.progress,
                        desc=f"{method} {'' if density is None else f'{100 * density:g}% '}seed {seed}")

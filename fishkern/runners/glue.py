@@ -248,22 +248,18 @@ def fish_masks(model, fisher_data, num_samples: int, densities, *, head, kind: s
     ``fisher_data`` is the global batch stream, the same on every rank)."""
     from types import SimpleNamespace
 
-    import torch
-
     from ..fisher import estimate_fisher
+    from ..fisher.mask import fisher_provenance, model_scores
     from ..mask.builders import from_scores
     from ..mask.heads import head_names
 
     t0 = time.perf_counter()
     head = head_names(model, head)  # the parameters select_mask forces in, for the same masks
-    named = list(model.named_parameters())
     if world == 1:
+        # make_mask's FISH branch, with the scores kept for every density
         result = estimate_fisher(model, fisher_data, num_samples, kind=kind, seed=seed, progress=progress)
-        scores = {n: result.scores[n].float() if n in result.scores else torch.zeros(p.shape, device=p.device)
-                  for n, p in named}
-        frozen = [n for n, _ in named if n not in result.scores]
-        provenance = {"fisher_kind": kind, "fisher_samples": result.num_samples,
-                      "fisher_seconds": round(result.seconds, 3), "fisher_implementation": result.implementation}
+        scores, frozen = model_scores(model, result)
+        provenance = fisher_provenance(result)
         masks = {d: from_scores(scores, d, force=head, exclude=frozen, provenance=provenance) for d in densities}
         return masks, SimpleNamespace(seconds=time.perf_counter() - t0, num_samples=result.num_samples)
     return _fish_masks_distributed(model, fisher_data, num_samples, densities, head, kind, seed, progress, rank, world, t0)
