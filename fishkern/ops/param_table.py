@@ -176,10 +176,11 @@ class ParamTable:
     def addresses(self) -> tuple[Tensor, Tensor]:
         """(parameter, gradient) address tables on the device, as of the last ``check()``."""
         if self._addr is None:
-            self._addr = torch.empty(max(2 * len(self.params), 1), dtype=torch.int64, device=self.device)
+            n = len(self.params)
+            self._addr = torch.empty(max(2 * n, 1), dtype=torch.int64, device=self.device)
             self._upload()
-        n = len(self.params)
-        return self._addr[:n], self._addr[n : 2 * n]
+            self._addr_views = (self._addr[:n], self._addr[n : 2 * n])
+        return self._addr_views
 
     def _upload(self) -> None:
         src = self._host

@@ -42,6 +42,7 @@ class GroupLayout:
     owners: list[Tensor] = field(default_factory=list)
     shards: list = field(default_factory=list)  # ShardInfo or None per parameter
     global_k: list[int] = field(default_factory=list)  # entries of the whole parameter (all shards)
+    low_precision: bool = False  # some parameter's dtype is not the state dtype (bf16/fp16 in fp32 state)
 
     @property
     def total(self) -> int:
@@ -130,4 +131,5 @@ def build_group_layout(params: list[Tensor], masks: list[Tensor], group_no: int)
         owners=list(params),
         shards=[None] * len(params),
         global_k=[starts[i + 1] - starts[i] for i in range(len(params))],
+        low_precision=any(p.dtype != state_dtype for p in params),
     )

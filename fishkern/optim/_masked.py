@@ -407,7 +407,7 @@ class MaskedOptimizer(GradientsMixin, ClipMixin, CheckpointMixin, torch.optim.Op
 
     def _needs_master(self, lay: GroupLayout) -> bool:
         # decided by the dtypes at construction (a dtype change afterwards is refused in _active)
-        return self.master_weights and any(p.dtype != lay.state_dtype for p in lay.params)
+        return self.master_weights and lay.low_precision
 
     def _master_for_dtype(self, lay: GroupLayout, dtype: torch.dtype) -> bool:
         return self._needs_master(lay) and dtype != lay.state_dtype
