@@ -232,3 +232,21 @@ def test_cuda_graph_capture_and_replay_of_the_step(free):
     for a, b in zip(eager_model.parameters(), graph_model.parameters()):
         torch.testing.assert_close(b, a)
     assert float(graphed._runtime[0].step_dev) == float(eager._runtime[0].step_dev) == 8.0
+
+
+@pytest.mark.parametrize("impl", ["torch"] + (["triton"] if triton_devices() == ["cpu"] else []))
+def test_a_step_bumps_the_autograd_version_so_a_stale_graph_raises(impl):
+    """The step writes parameters in place (scatter op or raw pointers): autograd must learn of it,
+    as after p.add_(), so a graph that saved the old values refuses to backward."""
+    if impl == "triton":
+        pytest.importorskip("triton")
+    w = torch.nn.Parameter(torch.randn(4, 3))
+    opt = MaskedAdamW([w], [torch.tensor([0, 5, 11])], lr=0.1, implementation=impl)
+    x = torch.randn(2, 4, requires_grad=True)
+    y = (x @ w).square().sum()  # saves w for the gradient of x
+    w.grad = torch.ones_like(w)
+    v = w._version
+    opt.step()
+    assert w._version > v
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()

@@ -135,10 +135,9 @@ def _gather_values(t: ParamTable, first: int, last: int, work: Tensor) -> None:
 def _scatter_values(t: ParamTable, first: int, last: int, values: Tensor) -> None:
     selected = [i for i in range(first, last + 1) if t.k(i)]
     if t.device.type == "cpu" and MULTI_TENSOR_COPIES:
-        written = [t.params[i] for i in selected]
-        scatter_masked_(written, t.mem_index, [t.starts[i] for i in selected], [t.starts[i + 1] for i in selected],
-                        values)
-        torch.autograd.graph.increment_version(written)  # a raw write: tell autograd, as an in-place op would
+        # the op bumps the autograd versions of what it writes, as an in-place torch op does
+        scatter_masked_([t.params[i] for i in selected], t.mem_index, [t.starts[i] for i in selected],
+                        [t.starts[i + 1] for i in selected], values)
         return
     for i in selected:
         p = t.params[i]

@@ -120,8 +120,7 @@ class CheckpointMixin:
             rt.step_tensor.zero_()
             self._drop_proxies(rt, self._layouts[gi], range(len(rt.proxies)))  # gathered gradients are discarded
             rt.grad_ready = [False] * len(rt.grad_ready)
-            rt.started = [False] * len(rt.started)
-            rt.uniform = None  # per-tensor counts below; uniform again if they all agree
+            rt.started = [False] * len(rt.started)  # per-tensor lists now (uniform again below if they agree)
         touched = set()
         for gi, i, st in plan:
             lay, rt = self._layouts[gi], self._runtime[gi]

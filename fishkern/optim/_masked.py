@@ -54,8 +54,9 @@ class _GroupRuntime:
 
     def __init__(self, layout: GroupLayout, capturable: bool = False):
         n = len(layout.params)
-        self.steps = [0] * n  # per tensor; stale while `uniform` holds (see _steps_of)
-        # (step, key) shared by every trained tensor, or None: then `steps` / `started` are per tensor
+        self._trained = [layout.k(i) > 0 for i in range(n)]
+        self._steps = [0] * n  # per tensor, while `uniform` is None (see the `steps` property)
+        # (step, started) shared by every trained tensor, or None: then `steps` / `started` are per tensor
         self.uniform: tuple[int, Any] | None = (0, False)
         # torch.optim convention: state['step'] is a float32 CPU scalar (on the parameters' device
         # with capturable=True, as in torch); ours are views of this.
@@ -72,7 +73,7 @@ class _GroupRuntime:
         self.proxy_cache: list[Any] = [None] * n  # one persistent MaskedGrad per tensor (see _free_dense)
         # whether a step has initialised this tensor's history buffers (SGD's momentum buffer
         # starts as a copy of the gradient, whenever momentum first applies to the tensor)
-        self.started = [False] * n
+        self._started = [False] * n
         self.work: Tensor | None = None  # scratch for gathered parameter values, [K]
         self.strides = [p.stride() for p in layout.params]
         self.shapes = [p.shape for p in layout.params]
@@ -90,6 +91,38 @@ class _GroupRuntime:
                 self.full_runs[-1] = (self.full_runs[-1][0], i, dt)
             else:
                 self.full_runs.append((i, i, dt))
+
+
+    # Per-tensor step counts and started flags. In the uniform state (the steady state) they are
+    # one pair for the whole group and the lists are made only when read; code that writes them
+    # leaves the uniform state first (materialize), and `_maybe_uniform` returns to it.
+    @property
+    def steps(self) -> list[int]:
+        if self.uniform is not None:
+            return [self.uniform[0] if t else 0 for t in self._trained]  # a copy: materialize() to write
+        return self._steps
+
+    @steps.setter
+    def steps(self, value: list[int]) -> None:
+        self.materialize()
+        self._steps = value
+
+    @property
+    def started(self) -> list[bool]:
+        if self.uniform is not None:
+            return [bool(self.uniform[1]) and t for t in self._trained]
+        return self._started
+
+    @started.setter
+    def started(self, value: list[bool]) -> None:
+        self.materialize()
+        self._started = value
+
+    def materialize(self) -> None:
+        """Leave the uniform state: per-tensor lists from it."""
+        if self.uniform is not None:
+            self._steps, self._started = self.steps, self.started
+            self.uniform = None
 
 
 class MaskedOptimizer(GradientsMixin, ClipMixin, CheckpointMixin, torch.optim.Optimizer):
@@ -305,8 +338,6 @@ class MaskedOptimizer(GradientsMixin, ClipMixin, CheckpointMixin, torch.optim.Op
         else:
             rt.step_tensor.index_fill_(0, rt.trainable_index, float(step))
         if step == 1:
-            rt.steps = [step if lay.k(i) else 0 for i in range(len(lay.params))]
-            rt.started = [bool(started) and lay.k(i) > 0 for i in range(len(lay.params))]
             for i in lay.trainable:
                 self._publish_state(gi, i)
         if in_flat:  # the gathered gradients are consumed: the proxies leave .grad
@@ -314,14 +345,6 @@ class MaskedOptimizer(GradientsMixin, ClipMixin, CheckpointMixin, torch.optim.Op
             n = len(lay.params)
             rt.proxies = [None] * n
             rt.grad_ready = [False] * n
-
-    def _materialize(self, rt: _GroupRuntime, lay: GroupLayout) -> None:
-        """Leave the uniform state: per-tensor step counts and started flags from it."""
-        if rt.uniform is not None:
-            step, key = rt.uniform
-            rt.steps = [step if lay.k(i) else 0 for i in range(len(lay.params))]
-            rt.started = [bool(key) and lay.k(i) > 0 for i in range(len(lay.params))]
-            rt.uniform = None
 
     def _active(self, gi: int) -> list[int]:
         lay, rt = self._layouts[gi], self._runtime[gi]
@@ -430,7 +453,7 @@ class MaskedOptimizer(GradientsMixin, ClipMixin, CheckpointMixin, torch.optim.Op
                     "has no gradient this step; give every trained parameter a gradient, or use capturable=False"
                 )
             rt.step_dev.add_(1)
-        self._materialize(rt, lay)
+        rt.materialize()
         bufs = self._ensure_buffers(gi, group)
         for i in active:
             rt.steps[i] += 1
@@ -465,7 +488,7 @@ class MaskedOptimizer(GradientsMixin, ClipMixin, CheckpointMixin, torch.optim.Op
         first = lay.trainable[0]
         step, key = rt.steps[first], self._run_key(rt, first)
         if all(rt.steps[i] == step and self._run_key(rt, i) == key for i in lay.trainable):
-            rt.uniform = (step, rt.started[first])
+            rt.uniform = (step, rt.started[first])  # the lists are rebuilt from it when read
 
     def _grads_to_flat(self, gi: int, run: Run) -> bool:
         """Whether the run's gradients are (made) all in the flat buffer before its op call: yes when
