@@ -228,6 +228,8 @@ void scatter_masked_(at::TensorList dsts, const at::Tensor& index, at::IntArrayR
   });
 }
 
+// The ops are declared in Python (fishkern/ops/masked_copy.py, with their fakes and the plain-PyTorch
+// default kernels); this adds the CPU kernels.
 TORCH_LIBRARY_IMPL(fishkern, CPU, m) {
   m.impl("gather_masked", &gather_masked);
   m.impl("scatter_masked_", &scatter_masked_);

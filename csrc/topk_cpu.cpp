@@ -279,6 +279,8 @@ std::vector<at::Tensor> topk_select_cpu(at::TensorList scores, int64_t k) {
   return out;
 }
 
+// The op is declared in Python (fishkern/topk/ops.py, with its fake and the plain-PyTorch default
+// kernel); this adds the CPU kernel. Registering it before the declaration is fine.
 TORCH_LIBRARY_IMPL(fishkern, CPU, m) { m.impl("topk_select", &topk_select_cpu); }
 
 }  // namespace fishkern

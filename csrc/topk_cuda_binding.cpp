@@ -1,4 +1,4 @@
-// CUDA implementation of fishkern::topk_select (schema in ops.cpp): validates the inputs, builds
+// CUDA kernel of fishkern::topk_select (the op is declared in fishkern/topk/ops.py): validates the inputs, builds
 // the device table of (pointer, offset) for the kernels in topk_cuda.cu, runs the select, copies
 // the per-tensor counts and the NaN result back (the one host synchronisation: the output sizes
 // depend on the data), then writes each tensor's sorted indices straight into its own output.

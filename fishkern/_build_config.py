@@ -6,6 +6,9 @@ the two never disagree. Standard library only, and the decisions are plain funct
 inputs, so the tests check them without a compiler or a GPU.
 
 Decisions:
+- Sources: every ``*.cpp`` / ``*.cu`` in csrc/ is built (``list_sources``: ``*.cu`` and ``*cuda*.cpp``
+  only with CUDA), so a new kernel file is picked up without an edit here, and the sources digest
+  covers every file there (an added or removed file means another build).
 - No ``-std=`` flag: torch's ``cpp_extension`` adds the standard its headers need (C++17 up to
   torch 2.13, C++20 from 2.14); a hard-coded one breaks the build on the other side of that line.
 - CUDA arch list: ``TORCH_CUDA_ARCH_LIST`` when set; else, when a GPU is visible, torch's own choice
@@ -26,9 +29,36 @@ import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
 
-CPU_SOURCES = ("ops.cpp", "topk_cpu.cpp", "masked_copy_cpu.cpp")
-CUDA_SOURCES = ("topk_cuda.cu", "topk_cuda_binding.cpp")
-HEADERS = ("topk_cuda.h",)
+SOURCE_SUFFIXES = (".cpp", ".cu", ".h")  # what csrc/ holds; MANIFEST.in and setup.py's package_data ship the same
+
+
+def find_csrc(package_dir: str) -> str | None:
+    """The native sources: fishkern/_csrc in an installed package, csrc/ beside the package in a
+    checkout (or an sdist being built)."""
+    for d in (os.path.join(package_dir, "_csrc"), os.path.join(os.path.dirname(package_dir), "csrc")):
+        if os.path.isdir(d) and any(n.endswith(".cpp") for n in os.listdir(d)):
+            return d
+    return None
+
+
+def list_sources(csrc_dir: str | None) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+    """(CPU sources, CUDA sources, headers) in `csrc_dir`, by file name, sorted.
+
+    Every file is built, so a new kernel file needs no edit here: ``*.cu`` and ``*cuda*.cpp`` (the
+    host bindings, which include CUDA headers) are built only with CUDA; every other ``*.cpp`` is
+    part of the CPU build; ``*.h`` are headers (hashed into the sources digest, not compiled)."""
+    if csrc_dir is None or not os.path.isdir(csrc_dir):
+        return (), (), ()
+    names = sorted(n for n in os.listdir(csrc_dir) if n.endswith(SOURCE_SUFFIXES)
+                   and os.path.isfile(os.path.join(csrc_dir, n)))
+    cuda = tuple(n for n in names if n.endswith(".cu") or (n.endswith(".cpp") and "cuda" in n))
+    cpu = tuple(n for n in names if n.endswith(".cpp") and n not in cuda)
+    headers = tuple(n for n in names if n.endswith(".h"))
+    return cpu, cuda, headers
+
+
+CSRC_DIR = find_csrc(os.path.dirname(os.path.abspath(__file__)))
+CPU_SOURCES, CUDA_SOURCES, HEADERS = list_sources(CSRC_DIR)
 EXTENSION_NAME = "fishkern._C"
 BUILD_INFO_FILE = "_C.build.json"  # written next to a built library: what it was built against
 
@@ -181,14 +211,15 @@ def plan_build(env, torch_cuda: str | None, cuda_home: str | None, nvcc: tuple[i
 
 
 def sources_digest(csrc_dir: str) -> str:
-    """A short hash of every native source file: a cached build is reused only for the same sources."""
+    """A short hash of every native source file in `csrc_dir` (names and contents): a cached build is
+    reused only for the same sources."""
     h = hashlib.sha256()
-    for name in sorted(CPU_SOURCES + CUDA_SOURCES + HEADERS):
-        path = os.path.join(csrc_dir, name)
-        h.update(name.encode())
-        if os.path.exists(path):
-            with open(path, "rb") as f:
-                h.update(f.read())
+    cpu, cuda, headers = list_sources(csrc_dir)  # the files there now: an added or removed file counts
+    for name in sorted(cpu + cuda + headers):
+        h.update(name.encode() + b"\0")
+        with open(os.path.join(csrc_dir, name), "rb") as f:
+            data = f.read()
+        h.update(len(data).to_bytes(8, "little") + data)
     return h.hexdigest()[:12]
 
 

@@ -9,10 +9,13 @@ Where the library comes from, in order:
    message that says what is happening, and a file lock so that two processes never build at once
    (the second waits and loads the first one's library);
 3. nothing, when ``FISHKERN_NO_NATIVE=1``, when ``FISHKERN_NO_JIT=1`` forbids the build, or when the
-   build fails (no compiler): the optimizers then use plain PyTorch indexing and ``global_topk`` its
-   exact pure-PyTorch selection, each saying so once.
+   build fails (no compiler): every op still exists (they are declared in Python, see
+   fishkern/ops/library.py) and runs its plain-PyTorch default kernel; ``global_topk`` says so once.
 
-``native_info()`` tells which of these happened, for ``fishkern env`` and bug reports.
+The library only adds kernels to ops declared in Python. The op wrappers call ``ensure_loaded()``
+before they dispatch, so the native kernels are registered before their first use without
+``import fishkern`` loading (or building) anything. ``native_info()`` tells which of the three
+happened, for ``fishkern env`` and bug reports.
 """
 from __future__ import annotations
 
@@ -70,10 +73,7 @@ def _disabled(name: str) -> bool:
 
 def csrc_dir() -> str | None:
     """The native sources: fishkern/_csrc in an installed package, csrc/ beside it in a checkout."""
-    for d in (os.path.join(HERE, "_csrc"), os.path.join(os.path.dirname(HERE), "csrc")):
-        if all(os.path.exists(os.path.join(d, s)) for s in cfg.CPU_SOURCES):
-            return d
-    return None
+    return cfg.find_csrc(HERE)
 
 
 def _prebuilt() -> tuple[str | None, str]:
@@ -214,16 +214,30 @@ def _jit_build() -> NativeInfo:
             return NativeInfo(lib, "first-use build", build=info)
     try:
         torch.ops.load_library(lib)
-    except OSError as e:  # a damaged cache entry: forget it, so that the next process rebuilds it
+    except (OSError, RuntimeError) as e:  # a damaged cache entry: forget it, so that the next process rebuilds it
         with contextlib.suppress(OSError):
             os.remove(info_path)
         return NativeInfo(None, "none", f"the cached library {lib} failed to load ({e}); it is rebuilt next time")
     return NativeInfo(lib, "first-use build (cached)", build=info)
 
 
+# The modules that declare the ops the library has kernels for (fishkern/ops/library.py's define).
+_OP_MODULES = ("fishkern.topk.ops", "fishkern.ops.masked_copy")
+
+
 @functools.cache
 def native_info() -> NativeInfo:
-    """Load the extension once per process (see the module docstring) and say how."""
+    """Load the extension once per process (see the module docstring) and say how. Afterwards every
+    op it implements is declared too (``torch.ops.fishkern.<op>`` exists), loaded or not."""
+    info = _load()
+    import importlib
+
+    for name in _OP_MODULES:
+        importlib.import_module(name)
+    return info
+
+
+def _load() -> NativeInfo:
     if _disabled("FISHKERN_NO_NATIVE"):
         return NativeInfo(None, "none", "FISHKERN_NO_NATIVE is set")
     path, why = _prebuilt()
@@ -231,8 +245,8 @@ def native_info() -> NativeInfo:
         try:
             torch.ops.load_library(path)
             return NativeInfo(path, "built at install", build=cfg.read_build_info(os.path.join(HERE, cfg.BUILD_INFO_FILE)))
-        except OSError as e:  # e.g. built against another torch before build info existed
-            why = f"the library at {path} failed to load ({e})"
+        except (OSError, RuntimeError) as e:  # built against another torch before build info existed; a
+            why = f"the library at {path} failed to load ({e})"  # registration the dispatcher refused
     if _disabled("FISHKERN_NO_JIT"):
         return NativeInfo(None, "none", f"{why}; FISHKERN_NO_JIT forbids building it on first use")
     try:
@@ -246,6 +260,24 @@ def native_info() -> NativeInfo:
 
 def native_available() -> bool:
     return native_info().available
+
+
+def ensure_loaded() -> bool:
+    """Register the native kernels with the dispatcher if this installation has them; whether it
+    does. Cheap after the first call (the attempt is made once per process: loading, or a first-use
+    build); never raises — without the library every op runs its default kernel. Call it before
+    dispatching a fishkern op (the wrappers in fishkern.topk and fishkern.ops do)."""
+    global _LOAD_ERROR
+    if _LOAD_ERROR is not None:
+        return False
+    try:
+        return native_info().available
+    except Exception as e:  # noqa: BLE001 - an unexpected failure still leaves the default kernels working
+        _LOAD_ERROR = f"{type(e).__name__}: {e}"  # not retried: once per process
+        return False
+
+
+_LOAD_ERROR: str | None = None
 
 
 _WARNED: set[str] = set()

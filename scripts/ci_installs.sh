@@ -111,7 +111,7 @@ stage_sdist() {
     local sdist
     sdist=$(ls "$WORK"/dist/fishkern-*.tar.gz)
     tar -tzf "$sdist" > "$WORK/sdist.list"  # listed once: grep -q on a pipe can kill tar with SIGPIPE
-    for f in ops.cpp topk_cpu.cpp masked_copy_cpu.cpp topk_cuda.cu topk_cuda.h topk_cuda_binding.cpp; do
+    for f in param_table.cpp topk_cpu.cpp masked_copy_cpu.cpp topk_cuda.cu topk_cuda.h topk_cuda_binding.cpp; do
         grep -q "/csrc/$f\$" "$WORK/sdist.list" || { say "sdist: $sdist lacks csrc/$f"; return 1; }
     done
     if grep -qE '\.so$|_C\.build\.json$' "$WORK/sdist.list"; then say "sdist: carries build outputs"; return 1; fi

@@ -381,3 +381,52 @@ def test_without_a_process_group_errors_are_clear(monkeypatch):
     with pytest.raises(DistributedError, match="torchrun"):
         init_from_env(backend="gloo", timeout=5)
     assert not dist.is_initialized()
+
+
+@pytest.mark.parametrize("one_group", [True, False])
+def test_reading_and_writing_entries_with_the_multi_tensor_ops(one_group):
+    """SparseAverager._read / _write (one gather_masked / scatter_masked_ call per device holding
+    parameters) against per-parameter indexing: mixed dtypes, a channels_last weight, parameters
+    without entries, a layout change after the entry set was built, and master copies. With
+    one_group=False the group's buffer is not the entry set's flat layout (as with parameters on
+    another device than the communication device), so the copying path runs too."""
+    from types import SimpleNamespace
+
+    from fishkern.distributed.averager import SparseAverager, _entry_set
+
+    g = torch.Generator().manual_seed(5)
+    params = [
+        torch.randn(4, 3, 2, 5, generator=g).contiguous(memory_format=torch.channels_last),
+        torch.randn(17, generator=g).bfloat16(),
+        torch.randn(6, generator=g).half(),
+        torch.randn(3, 7, generator=g, dtype=torch.float64),
+        torch.randn(9, generator=g),
+    ]
+    idx = [torch.randperm(p.numel(), generator=g)[: p.numel() // 3].sort().values for p in params]
+    idx[4] = idx[4][:0]  # a parameter without entries
+    es = _entry_set(params, idx)
+    assert len(es.groups) == 1 and es.groups[0].members == [0, 1, 2, 3]
+    if not one_group:
+        es.groups[0].spans_all = False
+    params[3] = params[3].t().contiguous().t()  # the layout changes after the entry set was built
+    master_idx = idx[1][::2].clone()
+    master = torch.randn(master_idx.numel(), generator=g)
+    links = {id(params[1]): [(master, master_idx, master_idx)]}
+    av = SimpleNamespace(params=params, acc_dtype=torch.float32, _comm=SimpleNamespace(device=torch.device("cpu")))
+    av._group_tensors = lambda es_, grp: SparseAverager._group_tensors(av, es_, grp)
+
+    got = SparseAverager._read(av, es, links)
+    want = torch.cat([p.reshape(-1)[i].float() for p, i in zip(params, idx)])
+    at = es.starts[1] + torch.searchsorted(idx[1], master_idx)
+    want[at] = master
+    assert torch.equal(got, want)
+
+    new = torch.randn(es.total, generator=g)
+    before = [p.clone() for p in params]
+    SparseAverager._write(av, es, new, links)
+    for j, (p, i) in enumerate(zip(params, idx)):
+        expect = before[j].reshape(-1).clone()
+        expect[i] = new[es.starts[j] : es.starts[j + 1]].to(p.dtype)
+        assert torch.equal(p.reshape(-1), expect), j
+    assert params[0].is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(master, new[at])  # the masters get the unrounded values

@@ -265,3 +265,46 @@ def test_env_subcommand_of_the_cli(capsys):
     assert main(["env"]) == 0
     text = capsys.readouterr().out
     assert f"torch {torch.__version__}" in text and "native extension:" in text and "backends:" in text
+
+
+def test_every_source_file_in_csrc_is_built(tmp_path):
+    """A new csrc/*.cpp is part of the build without an edit of the build config; CUDA files
+    (*.cu, *cuda*.cpp) only with CUDA; an added or removed file changes the sources digest."""
+    src = tmp_path / "csrc"
+    src.mkdir()
+    for name in ("a_cpu.cpp", "new_op.cpp", "x_cuda_binding.cpp", "x_cuda.cu", "x_cuda.h", "notes.md"):
+        (src / name).write_text(f"// {name}\n")
+    cpu, cuda, headers = cfg.list_sources(str(src))
+    assert cpu == ("a_cpu.cpp", "new_op.cpp") and cuda == ("x_cuda.cu", "x_cuda_binding.cpp") and headers == ("x_cuda.h",)
+    d1 = cfg.sources_digest(str(src))
+    (src / "another.cpp").write_text("")
+    d2 = cfg.sources_digest(str(src))
+    (src / "new_op.cpp").unlink()
+    assert len({d1, d2, cfg.sources_digest(str(src))}) == 3
+    # the checkout's own csrc/: every C++ file is in one of the lists
+    here = _native.csrc_dir()
+    on_disk = {n for n in os.listdir(here) if n.endswith((".cpp", ".cu"))}
+    assert on_disk == set(cfg.CPU_SOURCES + cfg.CUDA_SOURCES) and set(cfg.CPU_SOURCES) & set(cfg.CUDA_SOURCES) == set()
+    assert cfg.plan_build({}, None, None, None, 0).sources == list(cfg.CPU_SOURCES)
+
+
+_DECLARED = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, {root!r})
+    import torch
+    from fishkern import _native
+    _native.native_info()  # what require_native() does: afterwards the library's ops exist
+    for name in ("topk_select", "gather_masked", "scatter_masked_"):
+        assert hasattr(torch.ops.fishkern, name), name
+    print("ok")
+""")
+
+
+@pytest.mark.parametrize("no_native", ["0", "1"])
+def test_loading_declares_every_op_the_library_implements(no_native):
+    env = {**os.environ, "FISHKERN_NO_NATIVE": no_native}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", _DECLARED.format(root=root)], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "ok"

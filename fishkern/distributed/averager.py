@@ -57,6 +57,7 @@ from torch import Tensor
 from ..mask.fishmask import FishMask
 from ..optim._ddp import mark_locally_reduced
 from ..mask.indices import flat_memory_view, is_dense_layout, memory_offsets
+from ..ops.masked_copy import gather_masked, scatter_masked_
 from ._comm import (
     OP_ASSERT_IN_SYNC,
     OP_CONSTRUCT,
@@ -88,13 +89,27 @@ _DEFAULT = object()
 
 
 @dataclass
+class _Group:
+    """The parameters with entries on one device: one multi-tensor gather / scatter call
+    (fishkern.ops.masked_copy) reads or writes all of them, whatever their dtypes."""
+
+    device: torch.device
+    members: list[int]  # parameter positions, in model order
+    index: Tensor  # their memory offsets, concatenated (int64, on `device`)
+    begins: list[int]  # member m's offsets are index[begins[m]:ends[m]]
+    ends: list[int]
+    spans_all: bool  # the only group: its buffer has the entry set's flat layout
+
+
+@dataclass
 class _EntrySet:
     """Entries of the model laid out flat: parameter j owns [starts[j], starts[j+1])."""
 
     idx: list[Tensor]  # row-major sorted flat indices (int64, parameter's device)
-    mem: list[Tensor]  # the same as memory offsets for the strides in `strides`
+    mem: list[Tensor]  # the same as memory offsets for the strides in `strides` (views into a group's index)
     starts: list[int]
     strides: list[tuple[int, ...]]
+    groups: list[_Group]
 
     @property
     def total(self) -> int:
@@ -102,23 +117,40 @@ class _EntrySet:
 
     def mem_for(self, j: int, p: Tensor) -> Tensor:
         """Parameter j's memory offsets for its current strides (recomputed after a layout change,
-        e.g. model.to(memory_format=torch.channels_last); the layout is checked to be dense first)."""
+        e.g. model.to(memory_format=torch.channels_last); the layout is checked to be dense first).
+        Written in place, so that the group's concatenated index follows."""
         st = p.stride()
         if st != self.strides[j]:
-            self.mem[j] = memory_offsets(self.idx[j], p).to(torch.int64)
+            self.mem[j].copy_(memory_offsets(self.idx[j], p))
             self.strides[j] = st
         return self.mem[j]
 
 
 def _entry_set(params: list[Tensor], idx: list[Tensor]) -> _EntrySet:
-    starts, mem, out, strides = [0], [], [], []
+    starts, out, strides = [0], [], []
     for p, i in zip(params, idx):
         i = i.to(device=p.device, dtype=torch.int64)
         out.append(i)
-        mem.append(memory_offsets(i, p).to(torch.int64) if i.numel() else i)
         strides.append(p.stride())
         starts.append(starts[-1] + i.numel())
-    return _EntrySet(out, mem, starts, strides)
+    by_device: dict[torch.device, list[int]] = {}
+    for j, p in enumerate(params):
+        if out[j].numel():
+            by_device.setdefault(p.device, []).append(j)
+    mem = list(out)  # parameters without entries keep their empty index
+    groups = []
+    for device, members in by_device.items():
+        index = torch.empty(sum(out[j].numel() for j in members), dtype=torch.int64, device=device)
+        begins, ends, at = [], [], 0
+        for j in members:
+            n = out[j].numel()
+            index[at : at + n] = memory_offsets(out[j], params[j])
+            mem[j] = index[at : at + n]
+            begins.append(at)
+            ends.append(at + n)
+            at += n
+        groups.append(_Group(device, members, index, begins, ends, spans_all=len(by_device) == 1))
+    return _EntrySet(out, mem, starts, strides, groups)
 
 
 def _row_major(t: Tensor) -> Tensor:
@@ -660,35 +692,49 @@ class SparseAverager:
                         )
         return links
 
+    def _group_tensors(self, es: _EntrySet, g: _Group) -> list[Tensor]:
+        tensors = [self.params[j].detach() for j in g.members]
+        for j, t in zip(g.members, tensors):
+            es.mem_for(j, t)  # follow a layout change (checked dense by _model_error)
+        return tensors
+
     def _read(self, es: _EntrySet, links) -> Tensor:
         """The entries' current values (masters where there are), widened to A, flat, on the
-        communication device."""
+        communication device: one gather_masked call per device holding parameters."""
         out = torch.empty(es.total, dtype=self.acc_dtype, device=self._comm.device)
-        for j, p in enumerate(self.params):
-            s, e = es.starts[j], es.starts[j + 1]
-            if s == e:
-                continue
-            vals = flat_memory_view(p.detach()).index_select(0, es.mem_for(j, p)).to(self.acc_dtype)
-            for master, midx, _ in links.get(id(p), ()):
-                at = torch.searchsorted(midx, es.idx[j]).clamp_(max=midx.numel() - 1)
-                hit = midx[at] == es.idx[j]
-                vals[hit] = master[at[hit]].to(self.acc_dtype)
-            out[s:e] = vals.to(out.device)
+        for g in es.groups:
+            tensors = self._group_tensors(es, g)
+            direct = g.spans_all and g.device == out.device
+            buf = out if direct else torch.empty(g.index.numel(), dtype=self.acc_dtype, device=g.device)
+            gather_masked(tensors, g.index, g.begins, g.ends, buf)
+            for m, j in enumerate(g.members):
+                vals = buf[g.begins[m] : g.ends[m]]
+                for master, midx, _ in links.get(id(self.params[j]), ()):
+                    at = torch.searchsorted(midx, es.idx[j]).clamp_(max=midx.numel() - 1)
+                    hit = midx[at] == es.idx[j]
+                    vals[hit] = master[at[hit]].to(self.acc_dtype)
+                if not direct:
+                    out[es.starts[j] : es.starts[j + 1]] = vals.to(out.device)
         return out
 
     def _write(self, es: _EntrySet, values: Tensor, links) -> None:
-        """Write A-dtype values into the entries (rounded to each parameter's dtype) and, unrounded,
-        into the master copies of the same entries."""
-        for j, p in enumerate(self.params):
-            s, e = es.starts[j], es.starts[j + 1]
-            if s == e:
-                continue
-            vals = values[s:e].to(p.device)
-            flat_memory_view(p).index_copy_(0, es.mem_for(j, p), vals.to(p.dtype))
-            for master, midx, _ in links.get(id(p), ()):
-                at = torch.searchsorted(es.idx[j], midx).clamp_(max=e - s - 1)
-                hit = es.idx[j][at] == midx
-                master[hit] = vals[at[hit]].to(master.dtype)
+        """Write A-dtype values into the entries (rounded to each parameter's dtype, as Tensor.to
+        does) and, unrounded, into the master copies of the same entries: one scatter_masked_ call
+        per device holding parameters."""
+        values = values.contiguous()
+        for g in es.groups:
+            tensors = self._group_tensors(es, g)
+            if g.spans_all and g.device == values.device:
+                buf = values
+            else:
+                buf = torch.cat([values[es.starts[j] : es.starts[j + 1]] for j in g.members]).to(g.device)
+            scatter_masked_(tensors, g.index, g.begins, g.ends, buf)
+            for m, j in enumerate(g.members):
+                vals = buf[g.begins[m] : g.ends[m]]
+                for master, midx, _ in links.get(id(self.params[j]), ()):
+                    at = torch.searchsorted(es.idx[j], midx).clamp_(max=vals.numel() - 1)
+                    hit = es.idx[j][at] == midx
+                    master[hit] = vals[at[hit]].to(master.dtype)
 
     def _capture_base(self) -> None:
         """Remember the exchanged entries' values at this synchronisation point (needed by

@@ -50,13 +50,22 @@ def _kth_largest_key(scores: list[Tensor], k: int) -> tuple[int, int]:
     return (high << _DIGIT) | low, need - taken_above
 
 
+class NaNScoresError(ValueError, RuntimeError):
+    """Scores containing NaN. Both a ValueError (what this selection always raised) and a
+    RuntimeError (what the native kernels and every torch op raise), so callers catching either
+    catch it from every kernel."""
+
+
 def global_topk_torch(scores: list[Tensor], k: int) -> list[Tensor]:
     """Per tensor, the sorted int64 flat indices of its entries among the k largest of all.
 
-    `scores` are float32 tensors on one device (validated by fishkern.topk.ops.check_scores)."""
-    for i, s in enumerate(scores):
-        if bool(torch.isnan(s).any()):
-            raise ValueError(f"global_topk: score tensor {i} contains NaN; scores must be numbers (±inf are allowed)")
+    `scores` are float32 tensors on one device, 0 <= k <= their total size (checked by
+    fishkern.topk.ops before this runs)."""
+    if scores:  # one host sync for the NaN check of every tensor
+        nan = torch.stack([torch.isnan(s).any() for s in scores])
+        if bool(nan.any()):
+            i = int(nan.nonzero()[0, 0])
+            raise NaNScoresError(f"global_topk: score tensor {i} contains NaN; scores must be numbers (±inf are allowed)")
     if k == 0:
         return [torch.empty(0, dtype=torch.int64, device=s.device) for s in scores]
     threshold, ties = _kth_largest_key(scores, k)
