@@ -30,7 +30,7 @@ gate = _load_gate()
 KERNELS = {
     "fishkern.ops.adamw_triton:_masked_adamw_kernel",
     "fishkern.ops.sgd_triton:_masked_sgd_kernel",
-    "fishkern.fisher.linear_triton:_linear_fisher_kernel",
+    "fishkern.ops.linear_fisher_triton:_linear_fisher_kernel",
 }
 
 
@@ -181,6 +181,65 @@ def test_gate_drives_every_kernel_without_compiling(tmp_path):
     assert {(v["kernel"], v["arch"]) for v in report["variants"]} == {(k, a) for k in KERNELS for a in (90, 80)}
     odd = [v for v in report["variants"] if "B=3 T=5 OUT=9 IN=100" in v["case"] and "float32" in v["case"]]
     assert odd and all((v["num_warps"], v["num_stages"]) == (8, 1) for v in odd)
+    fisher = [v for v in report["variants"] if v["kernel"].endswith(":_linear_fisher_kernel")]
+    assert {v["constexprs"]["SPLIT"] for v in fisher} == {True, False}  # the workspace path is compiled too
+
+
+_FISHER_VARIANTS = """
+import json, os, sys, importlib.util
+os.environ.pop("TRITON_INTERPRET", None)
+spec = importlib.util.spec_from_file_location("g", "scripts/triton_aot_gate.py")
+g = importlib.util.module_from_spec(spec); sys.modules["g"] = g; spec.loader.exec_module(g)
+sys.path.insert(0, str(g.REPO))
+from triton.backends.compiler import GPUTarget
+from triton.runtime.jit import JITFunction
+out = {}
+for quick in (True, False):
+    rec = g.Recorder([GPUTarget("cuda", 90, 32)])
+    JITFunction.run = lambda self, *a, grid, warmup, **kw: rec(self, *a, grid=grid, warmup=warmup, **kw)
+    g.drive_fisher(rec, quick)
+    assert all(rec.launches.values()), rec.launches
+    out["quick" if quick else "full"] = sorted({
+        (v.constexprs[(v.fn.arg_names.index("BLOCK_O"),)], v.constexprs[(v.fn.arg_names.index("BLOCK_I"),)],
+         v.constexprs[(v.fn.arg_names.index("BLOCK_T"),)], v.options.num_warps, v.options.num_stages,
+         bool(v.constexprs[(v.fn.arg_names.index("SPLIT"),)])) for v in rec.variants.values()})
+print(json.dumps(out))
+"""
+
+
+@requires_triton
+def test_fisher_drivers_reach_every_tile_config():
+    """Every tile config fishkern.ops.linear_fisher_triton.tile_config can choose (BLOCK_O, BLOCK_I in
+    16 / 32 / 64, BLOCK_T in 16 / 32, aligned rows or not), with and without sample splits, is
+    launched by the full Fisher driver, so the full gate compiles it; --quick keeps 16- and 64-wide
+    tiles. Binding only, no ptxas."""
+    import torch
+
+    from fishkern.ops import linear_fisher_triton as lft
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", _FISHER_VARIANTS], capture_output=True, text=True, cwd=REPO,
+                         env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    reached = {k: {tuple(v) for v in vs} for k, vs in json.loads(out.stdout.strip().splitlines()[-1]).items()}
+    default_stages = {c[4] for c in reached["full"] if c[:2] == (64, 64) and c[3] == 4}
+    assert len(default_stages) == 1  # Triton's default num_stages, as the binder fills it in
+    (stages,) = default_stages
+    for bo in (16, 32, 64):
+        for bi in (16, 32, 64):
+            for t in (13, 37):
+                for aligned in (True, False):
+                    # shapes with these tiles: OUT / IN of bo / bi (aligned rows) or 3 less (odd rows)
+                    x = torch.zeros(3, t, bi if aligned else bi - 3)
+                    g = torch.zeros(3, t, bo if aligned else bo - 3)
+                    c = lft.tile_config(x, g)
+                    assert (c.block_o, c.block_i) == (bo, bi)
+                    for split in (False, True):
+                        key = (c.block_o, c.block_i, c.block_t, c.num_warps,
+                               stages if c.num_stages is None else c.num_stages, split)
+                        assert key in reached["full"], key
+                        if bo != 32 and bi != 32:
+                            assert key in reached["quick"], key
 
 
 PTXAS_LOG = """\

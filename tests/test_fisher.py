@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from fishkern.fisher import estimate_fisher, fisher_mask, fisher_reference, fisher_scores
 from fishkern.fisher import rules as fisher_rules
+from fishkern.ops import linear_fisher
 
 from tests.conftest import requires_triton
 
@@ -65,7 +66,7 @@ def bert_batches(n, batch, T, num_labels=3, seed=1, pad=True, regression=False):
 @pytest.fixture(params=["pairs", "per_sample"])
 def linear_form(request, monkeypatch):
     """Both exact forms of the sequence-Linear rule."""
-    monkeypatch.setattr(fisher_rules, "_GRAM_EXTRA_PAIRS", 10**9 if request.param == "pairs" else -(10**9))
+    monkeypatch.setattr(linear_fisher, "GRAM_EXTRA_PAIRS", 10**9 if request.param == "pairs" else -(10**9))
     return request.param
 
 

@@ -123,10 +123,10 @@ class _Call:
 
 
 class _Engine:
-    def __init__(self, model: nn.Module, params, acc, use_triton: bool, chunk_elems: int):
+    def __init__(self, model: nn.Module, params, acc, linear_kernel: str, chunk_elems: int):
         self.model = model
         self.acc = acc
-        self.ctx = {dt: Context(dt, use_triton, chunk_elems) for dt in (torch.float32, torch.float64)}
+        self.ctx = {dt: Context(dt, linear_kernel, chunk_elems) for dt in (torch.float32, torch.float64)}
         self.active = False
         self.batch_size = 0
         self.lengths_for: tuple[tuple[int, int], Tensor] | None = None
@@ -388,12 +388,14 @@ def estimate_fisher(
         Regression heads (one output, float labels) use the squared error of the sample, as the
         original code. The loss of every sample is its own: batch size does not change the result.
     loss_fn: custom per-sample loss, loss_fn(model_output, batch) → tensor of shape (batch_size,).
-    implementation: "auto" (batched; Triton kernel for sequence Linears on CUDA), "torch" (batched,
-        plain PyTorch), "triton" (batched, Triton kernel also on CPU under TRITON_INTERPRET=1, for
-        tests), "loop" (the batch-size-1 reference loop). Models the batched path cannot treat exactly
-        (tied weights, a module called twice per forward, BatchNorm without running statistics,
-        modules that fold the batch dimension, anything the first-batch self-check catches) fall back
-        to the loop with a warning.
+    implementation: "auto" (batched; sequence Linears through the op fishkern::linear_fisher_acc_,
+        whose Triton kernel runs on CUDA when triton is usable, its PyTorch kernel otherwise),
+        "torch" (batched, plain PyTorch on every device: the op's default kernel called directly),
+        "triton" (batched, the Triton kernel called directly, also on CPU under TRITON_INTERPRET=1,
+        for tests; an error where it cannot run), "loop" (the batch-size-1 reference loop).
+        Models the batched path cannot treat exactly (tied weights, a module called twice per
+        forward, BatchNorm without running statistics, modules that fold the batch dimension,
+        anything the first-batch self-check catches) fall back to the loop with a warning.
     seed: the RNG is seeded inside a forked RNG state (the caller's RNG is untouched); None: unseeded.
     progress: a progress bar on stderr (tqdm on a terminal, plain lines when stderr is redirected);
         False: silent.
@@ -412,17 +414,23 @@ def estimate_fisher(
         raise ValueError("the model has no trainable parameters (requires_grad=True)")
     device = params[0][1].device
     acc = {n: torch.zeros(p.shape, dtype=_acc_dtype(p), device=p.device) for n, p in params}
-    use_triton = False
-    if implementation in ("auto", "triton"):
-        from ..ops._triton import triton_usable_on
+    # implementation -> how the sequence-Linear rule runs fishkern::linear_fisher_acc_ (rules.Context)
+    # and what FisherResult.implementation reports.
+    from ..ops._triton import triton_usable_on
 
-        use_triton = triton_usable_on(device) and (implementation == "triton" or device.type == "cuda")
-        if implementation == "triton" and not use_triton:
-            raise RuntimeError(
-                f"implementation='triton' needs triton and CUDA parameters (or TRITON_INTERPRET=1 on CPU); "
-                f"parameters are on {device}"
-            )
-    ran = "loop" if implementation == "loop" else ("triton" if use_triton else "torch")
+    linear_kernel = {"auto": "op", "torch": "default", "triton": "triton", "loop": "default"}[implementation]
+    if implementation == "triton" and not triton_usable_on(device):
+        raise RuntimeError(
+            f"implementation='triton' needs triton and CUDA parameters (or TRITON_INTERPRET=1 on CPU); "
+            f"parameters are on {device}"
+        )
+    if implementation == "loop":
+        ran = "loop"
+    elif implementation == "triton" or (
+            implementation == "auto" and device.type == "cuda" and triton_usable_on(device)):
+        ran = "triton"  # "auto": the op dispatches CUDA tensors to its Triton kernel
+    else:
+        ran = "torch"
     fallback = None
     engine = None
     need_labels = kind == "empirical" and loss_fn is None
@@ -436,7 +444,7 @@ def estimate_fisher(
         with _fisher_mode(model, seed):
             if ran != "loop":
                 try:
-                    engine = _Engine(model, params, acc, use_triton, chunk_elems)
+                    engine = _Engine(model, params, acc, linear_kernel, chunk_elems)
                 except _UseLoop as e:
                     ran, fallback = "loop", str(e)
                     _warn_fallback(fallback)

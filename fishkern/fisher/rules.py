@@ -5,8 +5,9 @@ batched input (dim 0 = samples) and the batched gradient of the module's output,
 Σₙ Gₙ² into fp32 (fp64 for fp64 models) accumulators, without ever holding a B × out × in tensor:
 work is chunked over samples so that at most `chunk_elems` per-sample entries exist at once.
 
-Every rule is plain PyTorch; the Linear-over-a-sequence rule also has a Triton kernel (CUDA, or the
-interpreter when forced) that forms each sample's gradient tile in registers.
+Every rule is plain PyTorch, except the Linear-over-a-sequence rule, which calls the op
+``fishkern::linear_fisher_acc_`` (fishkern/ops/linear_fisher.py): a PyTorch default kernel on every
+device and a Triton kernel on CUDA that forms each sample's gradient tile in registers.
 """
 from __future__ import annotations
 
@@ -18,15 +19,27 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..ops import linear_fisher as lf
+
 DEFAULT_CHUNK_ELEMS = 1 << 21  # per-sample entries alive at once (8 MiB in fp32: near the CPU caches)
 
 
-class Context:
-    """What a rule may use besides the module's input and output gradient."""
+LINEAR_KERNELS = ("op", "default", "triton")
 
-    def __init__(self, acc_dtype: torch.dtype, use_triton: bool, chunk_elems: int):
+
+class Context:
+    """What a rule may use besides the module's input and output gradient.
+
+    linear_kernel: how the sequence-Linear rule runs ``fishkern::linear_fisher_acc_``: "op" (the
+    dispatcher picks the kernel by device: Triton on CUDA, the default PyTorch kernel elsewhere),
+    "default" (the PyTorch kernel on every device) or "triton" (the Triton kernel called directly,
+    also on CPU under TRITON_INTERPRET=1; float64 layers, which it does not take, run the default)."""
+
+    def __init__(self, acc_dtype: torch.dtype, linear_kernel: str, chunk_elems: int):
+        if linear_kernel not in LINEAR_KERNELS:
+            raise ValueError(f"linear_kernel must be one of {LINEAR_KERNELS}, got {linear_kernel!r}")
         self.acc_dtype = acc_dtype
-        self.use_triton = use_triton
+        self.linear_kernel = linear_kernel
         self.chunk_elems = chunk_elems
 
 
@@ -73,52 +86,32 @@ class LinearRule(Rule):
         if lengths is not None and x.dim() != 3:
             lengths = None
         if "weight" in acc:
-            if ctx.use_triton and dt == torch.float32:
-                from .linear_triton import linear_fisher_triton_
-
-                linear_fisher_triton_(acc["weight"], x3, g3, lengths)
-            else:
-                _linear_seq_torch(acc["weight"], x3, g3, lengths, dt, ctx.chunk_elems)
+            _linear_seq(acc["weight"], x3, g3, lengths, ctx)
         if "bias" in acc:
             acc["bias"].add_(g3.to(dt).sum(1).square().sum(0))
 
 
-# Below this many token pairs more than tokens per sample, the pair (Gram) form is cheaper on CPU than
-# forming per-sample gradients: it is one GEMM and never writes B × out × in entries to memory.
-_GRAM_EXTRA_PAIRS = 32
-
-
-def _linear_seq_torch(w: Tensor, x3: Tensor, g3: Tensor, lengths: Tensor | None, dt, chunk_elems: int) -> None:
-    """Σₙ (gₙᵀxₙ)² for (B, T, ·) inputs, in one of two exact forms:
-
-    per-sample: Gₙ = gₙᵀxₙ by bmm over chunks of samples, squared and summed;
-    pairs:      (Gₙ)²_oi = Σ_{t,t'} (g_to g_t'o)(x_ti x_t'i), so Σₙ Gₙ² = Aᵀ C with one row per
-                token pair t ≤ t' of each sample (off-diagonal pairs counted twice) — a single GEMM
-                whose inner size is the number of pairs. Cheaper for short sequences.
-    Tokens past `lengths` (right padding) are left out of both."""
-    B, T, fin = x3.shape
-    fout = g3.shape[2]
-    L = lengths if lengths is not None else torch.full((B,), T, device=x3.device)
-    pairs = (L * (L + 1) // 2).sum().item()
-    if pairs <= L.sum().item() + _GRAM_EXTRA_PAIRS * B:
-        iu = torch.triu_indices(T, T, device=x3.device)  # (2, P): t <= t'
-        valid = iu[1][None, :] < L[:, None]  # (B, P)
-        n, p = valid.nonzero(as_tuple=True)
-        t0, t1 = iu[0][p], iu[1][p]
-        weight = torch.where(t0 == t1, 1.0, 2.0).to(dt)[:, None]
-        step = max(1, chunk_elems // (fout + fin))
-        for s in range(0, n.numel(), step):
-            ns, a, b = n[s : s + step], t0[s : s + step], t1[s : s + step]
-            A = g3[ns, a].to(dt) * g3[ns, b].to(dt) * weight[s : s + step]
-            C = x3[ns, a].to(dt) * x3[ns, b].to(dt)
-            w.addmm_(A.t(), C)
-        return
-    for s, e in _chunks(B, fout * fin, chunk_elems):
-        Tc = int(L[s:e].max())
-        if Tc == 0:
-            continue
-        G = torch.bmm(g3[s:e, :Tc].to(dt).transpose(1, 2), x3[s:e, :Tc].to(dt))  # (c, out, in)
-        w.add_(G.square_().sum(0))
+def _linear_seq(w: Tensor, x3: Tensor, g3: Tensor, lengths: Tensor | None, ctx: Context) -> None:
+    """Σₙ (gₙᵀxₙ)² for (B, T, ·) inputs through fishkern::linear_fisher_acc_ (its kernels: per-sample
+    gradients in chunks or the token-pair form in PyTorch, or the Triton kernel on CUDA)."""
+    # One input dtype the op takes for this accumulator: x and g differ under autocast (fp32 input,
+    # bf16 output gradient), and a float64 accumulator takes float64 inputs.
+    dt = w.dtype
+    in_dt = x3.dtype if x3.dtype == g3.dtype else torch.promote_types(x3.dtype, g3.dtype)
+    if dt == torch.float64 or in_dt not in lf.INPUT_DTYPES:
+        in_dt = dt
+    x3, g3 = x3.to(in_dt), g3.to(in_dt)
+    if lengths is not None and lengths.device != x3.device:
+        lengths = lengths.to(x3.device)
+    # The estimator's lengths are an attention mask's row sums over these T tokens, so in [0, T] by
+    # construction: no per-call check (a device sync on CUDA); the kernels clamp as a safety net.
+    kw = {"check_lengths": False}
+    if ctx.linear_kernel == "triton" and dt == torch.float32:
+        lf.linear_fisher_triton_(w, x3, g3, lengths, **kw)
+    elif ctx.linear_kernel == "op":
+        lf.linear_fisher_acc_(w, x3, g3, lengths, chunk_elems=ctx.chunk_elems, **kw)
+    else:
+        lf.linear_fisher_default_(w, x3, g3, lengths, chunk_elems=ctx.chunk_elems, **kw)
 
 
 class Conv2dRule(Rule):

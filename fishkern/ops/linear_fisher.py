@@ -1,0 +1,260 @@
+"""``fishkern::linear_fisher_acc_``: the diagonal empirical Fisher of a Linear weight over a batch of
+sequences, added in place to an accumulator.
+
+For ``y = x @ W.T`` applied to B sequences, sample b's weight gradient is
+``G_b = sum_{t < len_b} g[b, t, :, None] * x[b, t, None, :]`` (OUT x IN) with ``x`` the layer input
+(B, T, IN) and ``g`` the gradient of the output (B, T, OUT); the op adds ``sum_b G_b ** 2``:
+
+    acc[o, i] += sum_b (sum_{t < lengths[b]} g[b, t, o] * x[b, t, i]) ** 2
+
+Kernels (the dispatcher picks one by the tensors' device; callers never branch):
+
+* ``default`` (any device, plain PyTorch, in this module): per-sample gradients by ``bmm`` over
+  chunks of samples (at most ``chunk_elems`` per-sample entries alive at once), or, for short
+  sequences, the token-pair form (one GEMM, no per-sample gradient in memory). Products of the
+  inputs are formed in the accumulator's dtype (bf16 / fp16 inputs are upcast exactly), so fp32
+  inputs and the Triton kernel's fp32-accumulated dot agree to fp32 rounding. Padded tokens
+  (``t >= lengths[b]``) are masked out with ``torch.where``, so NaN / inf there never reach ``acc``.
+* ``cuda`` (``linear_fisher_triton_``: Triton, ``linear_fisher_triton.py``, imported on the first
+  CUDA call): each sample's
+  gradient tile is formed in registers and squared there; no per-sample gradient in memory, and the
+  result is deterministic (fixed-order reduction over sample splits). Inputs the Triton kernel
+  does not take (float64, or triton missing / too old) run the default kernel.
+
+Argument rules (checked by every kernel and by the fake, with the messages below): acc contiguous,
+float32 (or float64 when x and g are float64) and of shape (OUT, IN); x and g 3-D with equal (B, T),
+one dtype among float32 / bfloat16 / float16 (or float64); lengths, if given, an integer (B,)
+tensor on acc's device with values in [0, T]. Checking the values costs a device sync on CUDA:
+``check_lengths=False`` skips it for lengths known valid (the Fisher estimator's, which come from
+an attention mask); unchecked values outside [0, T] are clamped to it by every kernel (never an
+out-of-bounds read), i.e. they silently count as 0 or T tokens.
+
+Importing this module declares the op and registers the CUDA kernel's Python launcher; it never
+imports triton or touches CUDA.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import library
+from ._triton import triton_usable_on
+
+NAME = "linear_fisher_acc_"
+DEFAULT_CHUNK_ELEMS = 1 << 21  # per-sample entries alive at once in the default kernel (8 MiB in fp32)
+SCHEMA = (
+    "(Tensor(a!) acc, Tensor x, Tensor g, Tensor? lengths=None, *, bool check_lengths=True, "
+    f"int chunk_elems={DEFAULT_CHUNK_ELEMS}) -> ()"
+)
+
+INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # with a float32 acc
+LENGTH_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+# Short sequences use the token-pair form when a sample has at most this many more token pairs
+# (t < t') than tokens: then one GEMM over pairs is cheaper than forming per-sample gradients.
+GRAM_EXTRA_PAIRS = 32
+
+
+def _shape(t) -> tuple:
+    return tuple(getattr(t, "shape", ()))
+
+
+def check_arguments(acc: Tensor, x: Tensor, g: Tensor, lengths: Tensor | None) -> None:
+    """Every check that needs no tensor data (run by the fake and by every kernel); ValueError."""
+    op = f"{library.NAMESPACE}::{NAME}"
+    torch._check_value(isinstance(x, Tensor) and x.dim() == 3,
+                       lambda: f"{op}: x must be a 3-D tensor (B, T, IN), got shape {_shape(x)}")
+    torch._check_value(isinstance(g, Tensor) and g.dim() == 3,
+                       lambda: f"{op}: g must be a 3-D tensor (B, T, OUT), got shape {_shape(g)}")
+    torch._check_value(x.shape[0] == g.shape[0] and x.shape[1] == g.shape[1],
+                       lambda: f"{op}: x {_shape(x)} and g {_shape(g)} must agree on (B, T)")
+    wide = x.dtype == torch.float64 and g.dtype == torch.float64
+    torch._check_value(
+        wide or (x.dtype in INPUT_DTYPES and g.dtype == x.dtype),
+        lambda: f"{op}: x and g must share one dtype among float32, bfloat16, float16 (or both be float64 "
+        f"with a float64 acc); got {x.dtype} and {g.dtype}",
+    )
+    out_features, in_features = g.shape[2], x.shape[2]
+    torch._check_value(
+        isinstance(acc, Tensor) and acc.dim() == 2 and acc.shape[0] == out_features and acc.shape[1] == in_features,
+        lambda: f"{op}: acc must have shape (OUT, IN) = ({out_features}, {in_features}), got {_shape(acc)}",
+    )
+    want = torch.float64 if wide else torch.float32
+    torch._check_value(acc.dtype == want, lambda: f"{op}: acc must be float32 (float64 for float64 x and g), got "
+                                                   f"{acc.dtype} for {x.dtype} inputs")
+    torch._check_value(acc.is_contiguous(), lambda: f"{op}: acc must be contiguous")
+    torch._check_value(x.device == acc.device and g.device == acc.device,
+                       lambda: f"{op}: acc ({acc.device}), x ({x.device}) and g ({g.device}) must be on one device")
+    if lengths is not None:
+        torch._check_value(isinstance(lengths, Tensor) and lengths.dim() == 1 and lengths.shape[0] == x.shape[0],
+                           lambda: f"{op}: lengths must have shape (B,) = ({x.shape[0]},), got {_shape(lengths)}")
+        torch._check_value(lengths.dtype in LENGTH_DTYPES,
+                           lambda: f"{op}: lengths must be an integer tensor, got {lengths.dtype}")
+        torch._check_value(lengths.device == acc.device,
+                           lambda: f"{op}: lengths ({lengths.device}) must be on the device of acc ({acc.device})")
+
+
+def check_length_values(lengths: Tensor | None, seq: int) -> None:
+    """lengths in [0, T]; one device sync on CUDA (a single transfer of min and max)."""
+    if lengths is None or lengths.numel() == 0:
+        return
+    lo, hi = (int(v) for v in torch.stack(torch.aminmax(lengths)).tolist())
+    if lo < 0 or hi > seq:
+        raise ValueError(f"{library.NAMESPACE}::{NAME}: lengths must lie in [0, T] = [0, {seq}], "
+                         f"got values in [{lo}, {hi}]")
+
+
+def _check_chunk(chunk_elems: int) -> None:
+    torch._check_value(chunk_elems >= 1,
+                       lambda: f"{library.NAMESPACE}::{NAME}: chunk_elems must be >= 1, got {chunk_elems}")
+
+
+def _fake(acc, x, g, lengths=None, *, check_lengths=True, chunk_elems=DEFAULT_CHUNK_ELEMS):
+    check_arguments(acc, x, g, lengths)
+    _check_chunk(chunk_elems)
+
+
+def _chunks(total: int, per_item: int, budget: int):
+    step = max(1, budget // max(1, per_item))
+    for s in range(0, total, step):
+        yield s, min(total, s + step)
+
+
+def linear_fisher_default_(acc: Tensor, x: Tensor, g: Tensor, lengths: Tensor | None = None, *,
+                           check_lengths: bool = True, chunk_elems: int = DEFAULT_CHUNK_ELEMS) -> Tensor:
+    """The default (plain PyTorch) kernel, callable directly on any device; returns ``acc``."""
+    check_arguments(acc, x, g, lengths)
+    _check_chunk(chunk_elems)
+    batch, seq, in_features = x.shape
+    out_features = g.shape[2]
+    if check_lengths:
+        check_length_values(lengths, seq)
+    if acc.numel() == 0 or batch == 0 or seq == 0:
+        return acc
+    dt = acc.dtype
+    # Lengths on the host (CPU tensors: free) let each chunk stop at its longest sample; on another
+    # device the full T is used, masked, so that no call syncs.
+    host = None
+    if lengths is not None and lengths.device.type == "cpu":
+        host = [min(max(int(v), 0), seq) for v in lengths.tolist()]
+    t_eff = max(host) if host is not None else seq
+    if t_eff == 0:
+        return acc
+    if t_eff * (t_eff - 1) // 2 <= GRAM_EXTRA_PAIRS:
+        _pairs_form(acc, x[:, :t_eff], g[:, :t_eff], lengths, dt, chunk_elems)
+        return acc
+    for s, e in _chunks(batch, out_features * in_features, chunk_elems):
+        tc = max(host[s:e]) if host is not None else seq
+        if tc == 0:
+            continue
+        xs, gs = x[s:e, :tc].to(dt), g[s:e, :tc].to(dt)
+        if lengths is not None:
+            keep = (torch.arange(tc, device=x.device)[None, :] < lengths[s:e, None])[..., None]
+            xs, gs = torch.where(keep, xs, 0), torch.where(keep, gs, 0)
+        grad = torch.bmm(gs.transpose(1, 2), xs)  # (c, OUT, IN)
+        acc.add_(grad.square_().sum(0))
+    return acc
+
+
+def _pairs_form(acc: Tensor, x: Tensor, g: Tensor, lengths: Tensor | None, dt, chunk_elems: int) -> None:
+    """(G_b)**2 [o, i] = sum_{t, t'} (g_to g_t'o)(x_ti x_t'i): with one row per token pair t <= t'
+    of each sample (off-diagonal pairs weighted 2), sum_b G_b**2 = A.T @ C, a single GEMM whose
+    inner size is the number of pairs. Pairs past a sample's length are masked to zero."""
+    batch, seq, in_features = x.shape
+    out_features = g.shape[2]
+    t0, t1 = torch.triu_indices(seq, seq, device=x.device)  # (P,) each: t0 <= t1
+    weight = torch.where(t0 == t1, 1.0, 2.0).to(dt)[:, None]
+    pairs = t0.numel()
+    for s, e in _chunks(batch, pairs * (out_features + in_features), chunk_elems):
+        gs, xs = g[s:e].to(dt), x[s:e].to(dt)
+        a = gs[:, t0] * gs[:, t1] * weight  # (c, P, OUT)
+        c = xs[:, t0] * xs[:, t1]  # (c, P, IN)
+        if lengths is not None:
+            keep = (t1[None, :] < lengths[s:e, None])[..., None]  # t0 <= t1: t1 decides
+            a, c = torch.where(keep, a, 0), torch.where(keep, c, 0)
+        acc.addmm_(a.reshape(-1, out_features).t(), c.reshape(-1, in_features))
+
+
+def _default_kernel(acc, x, g, lengths=None, *, check_lengths=True, chunk_elems=DEFAULT_CHUNK_ELEMS):
+    linear_fisher_default_(acc, x, g, lengths, check_lengths=check_lengths, chunk_elems=chunk_elems)
+
+
+def linear_fisher_triton_(acc: Tensor, x: Tensor, g: Tensor, lengths: Tensor | None = None, *,
+                          check_lengths: bool = True) -> Tensor:
+    """The Triton kernel called directly (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1;
+    ``linear_fisher_triton.py``, imported on the first call); returns ``acc``.
+
+    acc: float32 (OUT, IN) contiguous; x (B, T, IN) and g (B, T, OUT) float32 / bfloat16 / float16,
+    one dtype, any strides; lengths: optional integer (B,) tensor (tokens t >= lengths[b] are not
+    read). ``check_lengths`` checks that lengths lie in [0, T] (one device sync); without it values
+    outside are clamped to [0, T] in the kernel. fp32 inputs are multiplied exactly (no TF32); bf16 /
+    fp16 inputs in their dtype with fp32 accumulation. Deterministic: the same inputs give
+    bit-identical results on every run (fixed-order reduction over sample splits, no atomics).
+    """
+    check_arguments(acc, x, g, lengths)
+    if acc.dtype != torch.float32:
+        raise ValueError(f"the Triton Fisher kernel takes a float32 acc and float32 / bfloat16 / float16 inputs, "
+                         f"got {acc.dtype} (fishkern::{NAME} runs float64 on its default kernel)")
+    if check_lengths:
+        check_length_values(lengths, x.shape[1])
+    if not triton_usable_on(acc.device):
+        raise RuntimeError(
+            f"the Triton Fisher kernel cannot run on {acc.device} tensors here: it needs CUDA tensors, or "
+            "CPU tensors with TRITON_INTERPRET=1 set before triton is imported"
+        )
+    if acc.numel() == 0 or x.shape[0] == 0 or x.shape[1] == 0:
+        return acc
+    from . import linear_fisher_triton
+
+    linear_fisher_triton.launch(acc, x, g, lengths)
+    return acc
+
+
+def _cuda_kernel(acc, x, g, lengths=None, *, check_lengths=True, chunk_elems=DEFAULT_CHUNK_ELEMS):
+    _check_chunk(chunk_elems)
+    # both paths below run check_arguments
+    if acc.dtype != torch.float32 or not triton_usable_on(acc.device):
+        # float64, or no usable triton (triton_usable_on warns once about a too-old one)
+        linear_fisher_default_(acc, x, g, lengths, check_lengths=check_lengths, chunk_elems=chunk_elems)
+        return
+    linear_fisher_triton_(acc, x, g, lengths, check_lengths=check_lengths)
+
+
+OP = library.define(NAME, SCHEMA, fake=_fake, default=_default_kernel,
+                    doc="acc[o, i] += sum_b (sum_{t < lengths[b]} g[b, t, o] x[b, t, i])**2 (Linear Fisher)")
+library.register_kernel(NAME, "cuda", _cuda_kernel)
+
+
+def linear_fisher_acc_(acc: Tensor, x: Tensor, g: Tensor, lengths: Tensor | None = None, *,
+                       check_lengths: bool = True, chunk_elems: int = DEFAULT_CHUNK_ELEMS) -> Tensor:
+    """``torch.ops.fishkern.linear_fisher_acc_`` (the kernel for the tensors' device); returns ``acc``.
+
+    Args:
+        acc: (OUT, IN) contiguous accumulator, float32 (float64 for float64 inputs), updated in place.
+        x: layer input (B, T, IN), any strides.
+        g: gradient of the layer output (B, T, OUT), x's dtype, any strides.
+        lengths: optional integer (B,) tensor: only tokens t < lengths[b] of sample b count (right
+            padding; the others are not read by the Triton kernel and masked by the default one).
+        check_lengths: check that lengths lie in [0, T] (a device sync on CUDA); False for lengths
+            known valid (unchecked values are clamped to [0, T]).
+        chunk_elems: the default kernel's bound on per-sample entries alive at once.
+
+    fp32 inputs are multiplied exactly (no TF32 in the Triton kernel; the default kernel follows
+    torch's matmul precision settings); bf16 / fp16 inputs with fp32 accumulation.
+    """
+    OP(acc, x, g, lengths, check_lengths=check_lengths, chunk_elems=chunk_elems)
+    return acc
+
+
+def linear_fisher_reference(x: Tensor, g: Tensor, lengths: Tensor | None = None) -> Tensor:
+    """``sum_b (g[b, :lengths[b]].T @ x[b, :lengths[b]]) ** 2`` in float64 (OUT, IN), one sample at a
+    time in plain torch: the oracle for tests."""
+    if x.dim() != 3 or g.dim() != 3 or x.shape[:2] != g.shape[:2]:
+        raise ValueError(
+            f"x (B, T, IN) and g (B, T, OUT) must be 3-D with equal (B, T), got {tuple(x.shape)}, {tuple(g.shape)}"
+        )
+    out = torch.zeros(g.shape[2], x.shape[2], dtype=torch.float64, device=x.device)
+    for b in range(x.shape[0]):
+        n = x.shape[1] if lengths is None else int(lengths[b])
+        grad = torch.einsum("to,ti->oi", g[b, :n].double(), x[b, :n].double())
+        out += grad * grad
+    return out
