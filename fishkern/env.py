@@ -106,7 +106,7 @@ def collect(build: bool = False) -> dict:
         later = " (after the first-use build)"
     else:
         ops_then, later = ops, ""
-    from .ops._triton import triton_status, triton_supported
+    from .ops.triton_support import triton_status, triton_supported
 
     triton = "triton" if triton_supported() else f"torch ({triton_status()})"
     report["backends"] = {

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Ahead-of-time compile gate for fishkern's Triton kernels: no GPU, no CUDA torch needed.
 
-fishkern's real host code (the MaskedAdamW / MaskedSGD step path, the Fisher sequence-Linear
-kernel's launch path) is driven on CPU tensors with ``JITFunction.run`` replaced: instead of
+fishkern's real host code (the MaskedAdamW / MaskedSGD step path, the launcher of the Triton kernel
+of ``fishkern::linear_fisher_acc_``) is driven on CPU tensors with ``JITFunction.run`` replaced: instead of
 launching, it runs Triton's own argument binder, so each launch yields exactly the specialisation a
 GPU launch with those arguments would get (pointer dtypes, 16-byte alignment, ints equal to 1 or
 divisible by 16, constexprs, num_warps). Each distinct specialisation is then compiled with
@@ -21,13 +21,15 @@ backend)``, ``triton.knobs.nvidia.ptxas`` / ``dump_ptxas_log``; verified with tr
 
     python3 scripts/triton_aot_gate.py [--targets 90 80] [--quick] [--json out.json] [--no-compile]
 
-``--quick`` (36 variants, a CI-sized run) keeps every kernel on every target, fp32 and bf16, the
-fp32 odd-stride Fisher shape (B=3, T=5, OUT=9, IN=100) that once spilled, and one atomic Fisher
-launch (fp16). It leaves out, for the optimizers: fp16, AdamW amsgrad without master weights
-and fp32 with amsgrad / free_dense_grads, maximize, int hyperparameters, SGD without momentum or
-Nesterov, and the staggered-step / mixed-dtype runs (``block_base`` equal to 1 or not divisible by
-16); for the Fisher kernel: fp32 with lengths, int32 lengths, the atomic path in fp32 / bf16,
-B = 1, T = 1, the FFN-out, vocabulary-sized and sliced (unaligned) inputs.
+``--quick`` (a CI-sized run) keeps every kernel on every target, fp32 and bf16, the fp32
+odd-stride Fisher shape (B=3, T=5, OUT=9, IN=100) that once spilled, the Fisher tile configs with
+16- and 64-wide tiles (BLOCK_T 16 and 32, rows aligned or not, with and without sample splits, fp32)
+and the split (workspace) path in fp32 and fp16. It leaves out, for the optimizers: fp16, AdamW
+amsgrad without master weights and fp32 with amsgrad / free_dense_grads, maximize, int
+hyperparameters, SGD without momentum or Nesterov, and the staggered-step / mixed-dtype runs
+(``block_base`` equal to 1 or not divisible by 16); for the Fisher kernel: 32-wide tiles, the tile
+sweep in bf16 / fp16, fp32 with lengths on the BERT shapes, int32 lengths, B = 1, T = 1, the
+FFN-out, vocabulary-sized and sliced (unaligned) inputs.
 ``--no-compile`` only drives the host code, binds and checks coverage (seconds, no ptxas).
 """
 from __future__ import annotations
@@ -322,9 +324,12 @@ def drive_optimizers(rec: Recorder, quick: bool) -> None:
     import torch
 
     import fishkern
+    from fishkern.ops import masked_step
     from fishkern.optim import _masked
 
+    # where the optimizer and its step ops decide whether Triton can run on these tensors
     _masked.triton_usable_on = lambda device: True
+    masked_step.triton_usable_on = lambda device: True
 
     def params(dtypes):
         gen = torch.Generator().manual_seed(0)
@@ -380,6 +385,14 @@ def drive_optimizers(rec: Recorder, quick: bool) -> None:
         case(f"sgd {name} maximize dampening=0.1",
              lambda ps, m: fishkern.MaskedSGD(ps, m, lr=0.1, momentum=0.9, dampening=0.1, maximize=True,
                                               implementation="triton"), [dt] * 3)
+    # capturable: step count (and a tensor lr) read on the device
+    for dt in (f32, bf16):
+        case(f"adamw {str(dt)[6:]} capturable lr tensor", lambda ps, m: fishkern.MaskedAdamW(
+            ps, m, lr=torch.tensor(1e-3), capturable=True, implementation="triton"), [dt] * 3)
+    case("adamw fp32 capturable float lr amsgrad", lambda ps, m: fishkern.MaskedAdamW(
+        ps, m, amsgrad=True, capturable=True, implementation="triton"), [f32] * 3)
+    case("sgd fp32 capturable lr tensor", lambda ps, m: fishkern.MaskedSGD(
+        ps, m, lr=torch.tensor(0.1), momentum=0.9, capturable=True, implementation="triton"), [f32] * 3)
     if quick:
         return
     # ints where floats are documented (a user's weight_decay=0): the binder specialises them
@@ -396,13 +409,16 @@ def drive_optimizers(rec: Recorder, quick: bool) -> None:
 
 
 def drive_fisher(rec: Recorder, quick: bool) -> None:
-    """The Fisher kernel through linear_fisher_triton_ (validation, split choice, launch) and,
-    for the atomic path, through _launch with several splits, as on a GPU with idle SMs."""
+    """The Fisher kernel through its launcher ``linear_fisher_triton_`` (the op's CUDA kernel:
+    validation, tile choice, split choice, launch) and, for the split (workspace) path, through
+    ``_launch`` with several splits, as on a GPU with idle SMs. A sweep of small odd shapes reaches
+    every tile config (BLOCK_O, BLOCK_I in 16 / 32 / 64, BLOCK_T in 16 / 32, rows aligned or not)."""
     import torch
 
-    from fishkern.fisher import linear_triton as lt
+    from fishkern.ops import linear_fisher as lf
+    from fishkern.ops import linear_fisher_triton as lft
 
-    lt.triton_usable_on = lambda device: True
+    lf.triton_usable_on = lambda device: True
 
     def run(name, b, t, out_f, in_f, dtype, lengths_dtype=None, splits=1, sliced=False):
         lengths_name = str(lengths_dtype)[6:] if lengths_dtype is not None else "none"
@@ -414,9 +430,9 @@ def drive_fisher(rec: Recorder, quick: bool) -> None:
         acc = torch.zeros(out_f, in_f)
         lengths = None if lengths_dtype is None else torch.full((b,), t, dtype=lengths_dtype)
         if splits == 1:
-            lt.linear_fisher_triton_(acc, x, g, lengths)
+            lf.linear_fisher_triton_(acc, x, g, lengths)
         else:
-            lt._launch(acc, x, g, lengths, splits=splits)
+            lft._launch(acc, x, g, lengths, splits=splits)
 
     bert = (4, 128, 1024, 1024)  # BERT-large attention projection
     odd = (3, 5, 9, 100)  # strides not multiples of 16
@@ -435,8 +451,19 @@ def drive_fisher(rec: Recorder, quick: bool) -> None:
         run("T=1", 8, 1, 768, 768, dtype)
         run("vocab", 2, 7, 30522, 383, dtype)
         run("", *odd, dtype, sliced=True)
-    if quick:
-        run("atomic", *bert, torch.float16, None, 2)
+    # Tile configs: OUT / IN of 16, 32, 64 (aligned rows) or 13, 29, 61 (odd rows), T = 13 / 37.
+    blocks = [16, 64] if quick else [16, 32, 64]
+    for dtype in [torch.float32] if quick else [torch.float32, *half]:
+        for bo in blocks:
+            for bi in blocks:
+                for t in (13, 37):
+                    for aligned in (True, False):
+                        out_f, in_f = (bo, bi) if aligned else (bo - 3, bi - 3)
+                        run("tiles", 3, t, out_f, in_f, dtype, torch.int64 if t == 13 else None)
+                        run("tiles", 3, t, out_f, in_f, dtype, torch.int64, splits=3)
+    for dtype in [torch.float32, torch.float16] if quick else [torch.float32, *half]:
+        run("split", *bert, dtype, None, 2)
+        run("split", *odd, dtype, torch.int64, 3)
 
 
 DRIVERS = {"optim": drive_optimizers, "fisher": drive_fisher}

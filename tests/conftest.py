@@ -12,7 +12,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from fishkern.ops._triton import triton_status, triton_supported  # noqa: E402
+from fishkern.ops.triton_support import triton_status, triton_supported  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 HAS_TRITON = triton_supported()

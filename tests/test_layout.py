@@ -46,7 +46,7 @@ CYCLE_ALLOWED = {
 
 # Private helpers imported across subpackages, in files this layout test cannot change (owned by other
 # parts of the work) or that wait for a public name elsewhere: (importer, private target) -> why.
-# A target is a private module ("fishkern.ops._triton") or a private name in a module
+# A target is a private module ("fishkern.diff._io") or a private name in a module
 # ("fishkern.distributed.fisher._all_reduce_scores"). Each entry must still exist (a stale entry fails).
 PRIVATE_ALLOWED = {
     ("fishkern.mask.fishmask", "fishkern.diff._io"):
@@ -59,16 +59,8 @@ PRIVATE_ALLOWED = {
     ("fishkern.runners.glue", "fishkern.distributed.fisher._all_reduce_scores"):
         "the sweep keeps the summed scores for every density; needs a public score all-reduce in "
         "fishkern.distributed.fisher (fisher_mask_distributed selects one density only)",
-    ("fishkern.distributed.averager", "fishkern.optim._ddp"):
-        "fishkern/distributed (not this part's file): mark_locally_reduced should be public in fishkern.optim",
     ("fishkern.distributed.masks", "fishkern.diff._validate"):
         "fishkern/distributed (not this part's file): the mask broadcast validates with diff's validators",
-    ("fishkern.env", "fishkern.ops._triton"):
-        "fishkern/env.py (not this part's file): Triton status for the report; needs a public fishkern.ops name",
-    ("fishkern.fisher.estimator", "fishkern.ops._triton"):
-        "fishkern/fisher/estimator.py (not this part's file): triton_usable_on should be public in fishkern.ops",
-    ("fishkern.optim._masked", "fishkern.ops._triton"):
-        "fishkern/optim (not this part's file): Triton helpers should be public in fishkern.ops",
     ("fishkern.integrations.hf", "fishkern.diff._io"):
         "fishkern/integrations (not this part's file): cpu_copy / gather_flat / scatter_flat_ should be public",
     ("fishkern.integrations.hf", "fishkern.distributed._comm"):

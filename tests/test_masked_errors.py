@@ -80,7 +80,7 @@ def test_sparse_gradient_is_refused():
 def test_triton_request_without_a_usable_device(param, monkeypatch):
     """Refused at construction (it used to be accepted and fail at the first step()), saying where
     the parameters are, what is missing, and what to use instead."""
-    from fishkern.ops._triton import triton_status, triton_supported
+    from fishkern.ops.triton_support import triton_status, triton_supported
 
     if not triton_supported():
         # refused for that reason instead: test_user_optim.test_triton_not_installed_names_the_alternatives

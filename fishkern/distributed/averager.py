@@ -55,7 +55,7 @@ import torch
 from torch import Tensor
 
 from ..mask.fishmask import FishMask
-from ..optim._ddp import mark_locally_reduced
+from ..optim.ddp_support import mark_locally_reduced
 from ..mask.indices import flat_memory_view, is_dense_layout, memory_offsets
 from ..ops.masked_copy import gather_masked, scatter_masked_
 from ._comm import (
@@ -269,7 +269,7 @@ class SparseAverager:
             tmo = as_timedelta(timeout)
             opts = list(optimizers)
             # local SGD: every rank trains on its own gradient, so masked optimizers may gather it
-            # during backward (under DDP they wait for DDP's reduction instead; optim/_ddp.py)
+            # during backward (under DDP they wait for DDP's reduction instead; optim/ddp_support.py)
             mark_locally_reduced(p for _, p in named)
         except (ValueError, TypeError) as e:
             error = e

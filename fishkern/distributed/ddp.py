@@ -22,7 +22,7 @@ For a DDP module someone else built (``accelerate``, the HF Trainer) use
 size, then sum), so the trained entries are bit-identical to DDP's default all-reduce wherever the
 backend's sum is (always with 2 ranks). The masked optimizers need nothing else: in a process group
 they gather a plain parameter's gradient at ``step()``, after DDP has reduced it (see
-``fishkern/optim/_ddp.py``), with or without this hook.
+``fishkern/optim/ddp_support.py``), with or without this hook.
 """
 from __future__ import annotations
 

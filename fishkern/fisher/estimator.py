@@ -416,7 +416,7 @@ def estimate_fisher(
     acc = {n: torch.zeros(p.shape, dtype=_acc_dtype(p), device=p.device) for n, p in params}
     # implementation -> how the sequence-Linear rule runs fishkern::linear_fisher_acc_ (rules.Context)
     # and what FisherResult.implementation reports.
-    from ..ops._triton import triton_usable_on
+    from ..ops.triton_support import triton_usable_on
 
     linear_kernel = {"auto": "op", "torch": "default", "triton": "triton", "loop": "default"}[implementation]
     if implementation == "triton" and not triton_usable_on(device):

@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._triton import tl_dtype
+from .triton_support import tl_dtype
 from ._triton_common import block_entries, ieee_div, ieee_sqrt, load_grad, to_param_dtype
 from .adamw import AdamWScalars
 from . import multi_tensor

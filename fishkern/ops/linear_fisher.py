@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from . import library
-from ._triton import triton_usable_on
+from .triton_support import triton_usable_on
 
 NAME = "linear_fisher_acc_"
 DEFAULT_CHUNK_ELEMS = 1 << 21  # per-sample entries alive at once in the default kernel (8 MiB in fp32)

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._triton import triton_interpreting
+from .triton_support import triton_interpreting
 
 # Programs per SM aimed at when choosing sample splits.
 _PROGRAMS_PER_SM = 2

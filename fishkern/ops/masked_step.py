@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from . import library
-from ._triton import triton_usable_on
+from .triton_support import triton_usable_on
 from .adamw import adamw_scalars, adamw_update_, adamw_update_capturable_
 from .masked_copy import gather_masked, scatter_masked_
 from .param_table import DENSE, NEEDS_SLOW_PATH, ParamTable, table

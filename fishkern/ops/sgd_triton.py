@@ -6,7 +6,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._triton import tl_dtype
+from .triton_support import tl_dtype
 from ._triton_common import block_entries, load_grad, to_param_dtype
 from . import multi_tensor
 from .multi_tensor import BlockTable

@@ -8,7 +8,7 @@ import weakref
 import torch
 from torch import Tensor
 
-from . import _ddp
+from . import ddp_support as _ddp
 from ._grad_proxy import MaskedGrad
 from ._layout import GroupLayout, flat_memory_view
 
@@ -83,7 +83,7 @@ class GradientsMixin:
         def hook(p: Tensor) -> None:
             opt = owner()
             # Under DDP the gradient is reduced only after this hook: leave .grad to DDP, step()
-            # gathers it then (see optim/_ddp.py).
+            # gathers it then (see optim/ddp_support.py).
             if opt is not None and _ddp.gather_in_backward(p, sharded):
                 opt._gather_and_free(gi, i)
 

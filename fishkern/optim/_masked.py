@@ -22,7 +22,7 @@ from torch import Tensor
 
 from ..mask.fishmask import FishMask
 from ..ops import param_table as pt
-from ..ops._triton import triton_status, triton_supported, triton_usable_on
+from ..ops.triton_support import triton_status, triton_supported, triton_usable_on
 from ._checkpoint import CheckpointMixin
 from ._clip import ClipMixin
 from ._grads import GradientsMixin
