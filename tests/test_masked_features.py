@@ -252,8 +252,9 @@ def test_clip_grad_norm_matches_torch_on_selected_entries(free):
     ref = SelectedModel(list(model.parameters()), masks)
     opt = MaskedAdamW(model.parameters(), masks, lr=1e-2, free_dense_grads=free)
     ref_opt = torch.optim.AdamW(ref.params, lr=1e-2, foreach=False)
+    g = torch.Generator().manual_seed(7)
     for step in range(3):
-        x, y = torch.randint(0, 11, (5, 4)), torch.randint(0, 3, (5,))
+        x, y = torch.randint(0, 11, (5, 4), generator=g), torch.randint(0, 3, (5,), generator=g)
         opt.zero_grad()
         ref_model = _tiny_model()
         ref_model.load_state_dict(model.state_dict())
@@ -265,8 +266,10 @@ def test_clip_grad_norm_matches_torch_on_selected_entries(free):
         torch.testing.assert_close(norm, ref_norm)
         opt.step()
         ref_opt.step()
+        # the norm is one reduction per group here and a norm of per-tensor norms in torch: equal to
+        # fp32 rounding, so the clipped trajectories agree to a few ulps, not bit for bit
         for p, m, q in zip(model.parameters(), masks, ref.params):
-            torch.testing.assert_close(selected(p, m), q.detach(), rtol=1e-6, atol=1e-7)
+            torch.testing.assert_close(selected(p, m), q.detach(), rtol=1e-5, atol=1e-6)
     assert float(norm) > 0.05, "the test must actually clip"
 
 
