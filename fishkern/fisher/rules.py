@@ -20,45 +20,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..ops import linear_fisher as lf
+from .conv_rules import Conv2dRule
+from .rule_base import DEFAULT_CHUNK_ELEMS, LINEAR_KERNELS, Context, Rule, _chunks, _Unsupported
 
-DEFAULT_CHUNK_ELEMS = 1 << 21  # per-sample entries alive at once (8 MiB in fp32: near the CPU caches)
-
-
-LINEAR_KERNELS = ("op", "default", "triton")
-
-
-class Context:
-    """What a rule may use besides the module's input and output gradient.
-
-    linear_kernel: how the sequence-Linear rule runs ``fishkern::linear_fisher_acc_``: "op" (the
-    dispatcher picks the kernel by device: Triton on CUDA, the default PyTorch kernel elsewhere),
-    "default" (the PyTorch kernel on every device) or "triton" (the Triton kernel called directly,
-    also on CPU under TRITON_INTERPRET=1; float64 layers, which it does not take, run the default)."""
-
-    def __init__(self, acc_dtype: torch.dtype, linear_kernel: str, chunk_elems: int):
-        if linear_kernel not in LINEAR_KERNELS:
-            raise ValueError(f"linear_kernel must be one of {LINEAR_KERNELS}, got {linear_kernel!r}")
-        self.acc_dtype = acc_dtype
-        self.linear_kernel = linear_kernel
-        self.chunk_elems = chunk_elems
-
-
-def _chunks(B: int, per_sample: int, budget: int):
-    step = max(1, budget // max(1, per_sample))
-    for s in range(0, B, step):
-        yield s, min(B, s + step)
-
-
-# ----------------------------------------------------------------------------------------------
-class Rule:
-    """Base: `accumulate(module, args, kwargs, grad_out, lengths, acc, ctx)`. grad_out is the
-    gradient of the module's (tensor) output; lengths, when given, are the right-padded lengths of
-    the (B, T) token dimension of the input (tokens past them have zero gradient and are skipped)."""
-
-    exact_batched = True  # False: the generic per-sample fallback
-
-    def accumulate(self, module, args, kwargs, grad_out, lengths, acc, ctx) -> None:  # pragma: no cover
-        raise NotImplementedError
+__all__ = ["DEFAULT_CHUNK_ELEMS", "LINEAR_KERNELS", "Context", "Rule", "rule_for"]
 
 
 def _forward_is(module: nn.Module, cls: type) -> bool:
@@ -112,37 +77,6 @@ def _linear_seq(w: Tensor, x3: Tensor, g3: Tensor, lengths: Tensor | None, ctx: 
         lf.linear_fisher_acc_(w, x3, g3, lengths, chunk_elems=ctx.chunk_elems, **kw)
     else:
         lf.linear_fisher_default_(w, x3, g3, lengths, chunk_elems=ctx.chunk_elems, **kw)
-
-
-class Conv2dRule(Rule):
-    """Per sample Gₙ = gₙ · unfold(xₙ)ᵀ per group, summed over output positions."""
-
-    def accumulate(self, m: nn.Conv2d, args, kwargs, g, lengths, acc, ctx):
-        x = args[0] if args else kwargs["input"]
-        if x.dim() != 4:
-            raise _Unsupported(f"{type(m).__name__} called on an unbatched {x.dim()}-D input")
-        dt = ctx.acc_dtype
-        padding = m.padding
-        if isinstance(padding, str) or m.padding_mode != "zeros":
-            mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
-            x = F.pad(x, m._reversed_padding_repeated_twice, mode=mode)
-            padding = 0
-        B, G = x.shape[0], m.groups
-        cout, cin_g = m.out_channels, m.in_channels // G
-        kk = cin_g * math.prod(m.kernel_size)
-        L = g.shape[2] * g.shape[3]
-        if "weight" in acc:
-            w = acc["weight"].view(G, cout // G, kk)
-            per_sample = (cin_g * G * math.prod(m.kernel_size) + cout) * L + cout * kk
-            for s, e in _chunks(B, per_sample, ctx.chunk_elems):
-                cols = F.unfold(x[s:e].to(dt), m.kernel_size, m.dilation, padding, m.stride)  # (c, Cin·k, L)
-                c = e - s
-                cols = cols.view(c, G, kk, L)
-                gg = g[s:e].to(dt).reshape(c, G, cout // G, L)
-                Gn = torch.einsum("bgol,bgil->bgoi", gg, cols)
-                w.add_(Gn.square_().sum(0))
-        if "bias" in acc:
-            acc["bias"].add_(g.to(dt).sum((2, 3)).square().sum(0))
 
 
 class EmbeddingRule(Rule):
@@ -220,10 +154,6 @@ class BatchNormEvalRule(Rule):
         xhat = (x.to(dt) - m.running_mean.to(dt).view(view)) * torch.rsqrt(m.running_var.to(dt).view(view) + m.eps)
         perm = (0, *range(2, x.dim()), 1)
         _affine_norm(xhat.permute(perm), g.to(dt).permute(perm), B, (C,), acc)
-
-
-class _Unsupported(Exception):
-    """This module cannot be handled batched; the estimator falls back to the per-sample loop."""
 
 
 class GenericRule(Rule):
