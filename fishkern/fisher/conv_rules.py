@@ -40,3 +40,12 @@ class Conv2dRule(Rule):
                 w.add_(Gn.square_().sum(0))
         if "bias" in acc:
             acc["bias"].add_(g.to(dt).sum((2, 3)).square().sum(0))
+
+
+def conv_rule_for(module: nn.Module, name: str) -> Rule | None:
+    """The rule for a convolution whose own parameters are only weight/bias, or None if `module` is
+    not one this module handles (the caller then tries the other rules)."""
+    if type(module).forward is nn.Conv2d.forward:
+        return Conv2dRule()
+    return None
+

@@ -11,16 +11,14 @@ device and a Triton kernel on CUDA that forms each sample's gradient tile in reg
 """
 from __future__ import annotations
 
-import math
 import warnings
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch import Tensor
 
 from ..ops import linear_fisher as lf
-from .conv_rules import Conv2dRule
+from .conv_rules import conv_rule_for
 from .rule_base import DEFAULT_CHUNK_ELEMS, LINEAR_KERNELS, Context, Rule, _chunks, _Unsupported
 
 __all__ = ["DEFAULT_CHUNK_ELEMS", "LINEAR_KERNELS", "Context", "Rule", "rule_for"]
@@ -213,8 +211,9 @@ def rule_for(module: nn.Module, name: str) -> Rule:
     simple = own <= {"weight", "bias"}
     if simple and _forward_is(module, nn.Linear):
         return LinearRule()
-    if simple and _forward_is(module, nn.Conv2d):
-        return Conv2dRule()
+    conv = conv_rule_for(module, name) if simple else None
+    if conv is not None:
+        return conv
     if simple and _forward_is(module, nn.Embedding):
         if module.max_norm is not None:
             raise _Unsupported(f"nn.Embedding with max_norm at '{name}' rewrites its weight during the forward")
