@@ -285,9 +285,10 @@ def test_memory_footprint_by_part_before_and_after_the_first_step(cls, cfg, dtyp
     n = len(params)
     before = opt.memory_footprint()
     # before any step: the mask's indices (row-major + memory order, int32), the step counters (4 per
-    # tensor), the index of the trained tensors (int64) and the parameter table's host mirror of the
-    # parameter and gradient addresses (2 int64 per tensor)
-    tables = 4 * n + 8 * n + 16 * n
+    # trained tensor: every tensor here) and the parameter table's host mirror of the parameter and
+    # gradient addresses (2 int64 per tensor)
+    assert all(m.numel() for m in MASKS)
+    tables = 4 * n + 16 * n
     assert before == {"state": 0, "master": 0, "indices": 8 * K, "grad": 0, "work": 0, "tables": tables,
                       "total": 8 * K + tables}
     assert opt.state_bytes() == 0
@@ -314,7 +315,7 @@ def test_memory_footprint_of_adamw_fp32_is_24_bytes_per_entry_and_hooks_gather_b
     _loss(model, x, y).backward()
     fp = opt.memory_footprint()
     trained = sum(1 for m in masks if m.numel())
-    tables = 4 * n + 8 * trained + 16 * n  # step counters, trained-tensor index, address mirror
+    tables = 4 * trained + 16 * n  # step counters (one per trained tensor), address mirror
     assert fp["grad"] == 4 * k and fp["state"] == 0 and fp["total"] == 12 * k + tables  # the hooks gathered
     opt.step()
     fp = opt.memory_footprint()
@@ -332,7 +333,8 @@ def test_memory_footprint_on_the_triton_path():
     _step(opt, params)
     fp = opt.memory_footprint()
     n, blocks = len(params), len(MASKS)  # every tensor's entries fit in one block of 1024
-    tables = 4 * n + 8 * n + blocks * (4 + 8) + 8 * n + 2 * 8 * n + 16 * n  # ... + the host address mirror
+    # step counters (every tensor is trained), block table, segment ends, device address table, host mirror
+    tables = 4 * n + blocks * (4 + 8) + 8 * n + 2 * 8 * n + 16 * n
     assert fp == {"state": 8 * K, "master": 0, "indices": 8 * K, "grad": 0, "work": 0, "tables": tables,
                   "total": 16 * K + tables}
 

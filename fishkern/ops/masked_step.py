@@ -199,7 +199,7 @@ def _triton_grads(t: ParamTable, first: int, last: int, grad: Tensor, grads_in_f
     read in place when the table's check says they all are where it last saw them."""
     if grads_in_flat:
         return grad, None
-    if not (t.check(DENSE) & NEEDS_SLOW_PATH):
+    if t.take_clean(DENSE) or not (t.check(DENSE) & NEEDS_SLOW_PATH):
         return None, t.addresses()[1]
     if grad is None:
         grad = torch.empty(t.starts[-1], dtype=t.state_dtype, device=t.device)
@@ -209,10 +209,11 @@ def _triton_grads(t: ParamTable, first: int, last: int, grad: Tensor, grads_in_f
 
 # ---------------------------------------------------------------------- AdamW
 def _adamw(kernel, table_h, first, last, grad, grads_in_flat, master, work, exp_avg, exp_avg_sq, max_exp_avg_sq,
-           step, step_t, lr, lr_t, beta1, beta2, eps, weight_decay, maximize, impl) -> None:
+           step, step_t, lr, lr_t, beta1, beta2, eps, weight_decay, maximize, impl, trusted=False) -> None:
     t = table(table_h)
-    _check("masked_adamw_step_", t, first, last, grad, grads_in_flat, work, impl,
-           {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq, "max_exp_avg_sq": max_exp_avg_sq, "master": master})
+    if not trusted:
+        _check("masked_adamw_step_", t, first, last, grad, grads_in_flat, work, impl,
+               {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq, "max_exp_avg_sq": max_exp_avg_sq, "master": master})
     capturable = step_t is not None
     if _triton_for(t, impl, kernel):
         from .adamw_triton import masked_adamw_triton
@@ -247,9 +248,11 @@ def _adamw(kernel, table_h, first, last, grad, grads_in_flat, master, work, exp_
 
 # ---------------------------------------------------------------------- SGD
 def _sgd(kernel, table_h, first, last, grad, grads_in_flat, master, work, momentum_buffer, lr, lr_t, momentum,
-         dampening, weight_decay, nesterov, maximize, first_step, impl) -> None:
+         dampening, weight_decay, nesterov, maximize, first_step, impl, trusted=False) -> None:
     t = table(table_h)
-    _check("masked_sgd_step_", t, first, last, grad, grads_in_flat, work, impl, {"momentum_buffer": momentum_buffer, "master": master})
+    if not trusted:
+        _check("masked_sgd_step_", t, first, last, grad, grads_in_flat, work, impl,
+               {"momentum_buffer": momentum_buffer, "master": master})
     if momentum != 0 and momentum_buffer is None:
         raise ValueError("masked_sgd_step_: momentum != 0 needs a momentum_buffer")
     if _triton_for(t, impl, kernel):
@@ -279,3 +282,23 @@ masked_sgd_step_ = library.define("masked_sgd_step_", SGD_SCHEMA, fake=_fake, de
                                   doc="masked SGD step of a run of tensors (fused Triton kernel on CUDA)")
 library.register_kernel("masked_adamw_step_", "cuda", functools.partial(_adamw, "cuda"))
 library.register_kernel("masked_sgd_step_", "cuda", functools.partial(_sgd, "cuda"))
+
+
+def _eager(op, kernel):
+    """``op``, callable as ``f(device, *args)``, for the optimizers' step: in eager mode it calls the
+    kernel the dispatcher would pick for ``device`` directly — turning this schema's ~20 arguments
+    into dispatcher values and back costs ~10 µs per call on the host, more than the CUDA kernel
+    itself — and skips the argument checks (the optimizer made every buffer for its table). Under
+    torch.compile tracing or a dispatch mode (FakeTensorMode, FlopCounterMode, ...) the call goes
+    through the dispatcher, checks included."""
+
+    def call(device: torch.device, *args):
+        if torch._C._len_torch_dispatch_stack() or torch.compiler.is_compiling():
+            return op(*args)
+        return kernel("cuda" if device.type == "cuda" else "default", *args, trusted=True)
+
+    return call
+
+
+masked_adamw_step_eager = _eager(masked_adamw_step_, _adamw)
+masked_sgd_step_eager = _eager(masked_sgd_step_, _sgd)

@@ -82,6 +82,11 @@ class ParamTable:
         self._py_grad_addr = [0] * n
         self._block_table: BlockTable | None = None
         self._addr: Tensor | None = None  # device [2n] int64: the Triton kernels' address table
+        self._clean_mode: int | None = None  # see take_clean
+        if self._ops is not None:  # the overloads themselves: one Python lookup less per call
+            self._check_op = self._ops.param_table_check.default
+            self._clear_op = self._ops.param_table_clear_grads.default
+            self._bump_op = self._ops.param_table_bump.default
 
     def __reduce__(self):
         # a copy would share (and free twice) the native registration and alias the parameters
@@ -112,16 +117,27 @@ class ParamTable:
         if self._ops is not None:
             self._ops.param_table_set_proxies(self._native_handle, positions, proxies)
 
-    def check(self, mode: int) -> int:
+    def check(self, mode: int, remember: bool = False) -> int:
         """Flags (see the module constants) for the checked tensors; refreshes the device address
-        table when an address moved."""
+        table when an address moved. ``remember``: a clean answer stands for this step's op calls
+        (``take_clean``) until ``forget_clean()``."""
         if self._ops is not None:
-            flags = int(self._ops.param_table_check(self._native_handle, mode, self._host))
+            flags = self._check_op(self._native_handle, mode, self._host)
         else:
             flags = self._check_python(mode)
         if flags & (PARAM_MOVED | GRAD_MOVED) and self._addr is not None:
             self._upload()
+        self._clean_mode = mode if remember and not flags & NEEDS_SLOW_PATH else None
         return flags
+
+    def take_clean(self, mode: int) -> bool:
+        """Whether the optimizer's check of this step (``check(mode, remember=True)``) found
+        nothing for the slow path: the step's op calls then reuse it instead of repeating it."""
+        return self._clean_mode == mode
+
+    def forget_clean(self) -> None:
+        """The step is over: the next op call checks again."""
+        self._clean_mode = None
 
     def _check_python(self, mode: int) -> int:
         n, host, flags = len(self.params), self._host, 0
@@ -153,7 +169,7 @@ class ParamTable:
     def clear_grads(self) -> None:
         """``.grad = None`` wherever ``.grad`` is the registered proxy (the gradients are consumed)."""
         if self._ops is not None:
-            self._ops.param_table_clear_grads(self._native_handle)
+            self._clear_op(self._native_handle)
             return
         for i in self.checked:
             p = self.params[i]
@@ -163,7 +179,7 @@ class ParamTable:
     def bump_versions(self, first: int, last: int) -> None:
         """Tell autograd that parameters first..last were written in place (through raw pointers)."""
         if self._ops is not None:
-            self._ops.param_table_bump(self._native_handle, first, last)
+            self._bump_op(self._native_handle, first, last)
         else:
             torch.autograd.graph.increment_version([self.params[i] for i in range(first, last + 1) if self.k(i)])
 

@@ -108,7 +108,8 @@ class CheckpointMixin:
                 # copies: `st` may hold views of this very optimizer's buffers (a live state_dict())
                 saved_copy = {name: v.detach().clone() for name, v in st.items() if isinstance(v, Tensor) and name != "step"}
                 saved_copy["step"] = _saved_step(st.get("step"), where)
-                plan.append((gi, i, saved_copy))
+                if i in lay.rank:  # a tensor the mask selects nothing of has no state to restore
+                    plan.append((gi, i, saved_copy))
         self.state.clear()
         for gi, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
             for key, value in saved.items():
@@ -135,7 +136,7 @@ class CheckpointMixin:
             step = st["step"]
             rt.steps[i] = step
             rt.started[i] = any(name in st for name in self._state_buffer_names(self.param_groups[gi]))
-            rt.step_tensor[i] = float(step)
+            rt.step_tensor[lay.rank[i]] = float(step)
             touched.add((gi, i))
         for gi, i in sorted(touched):
             self._publish_state(gi, i)

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.optim import optimizer as _torch_optimizer
 
 from ..mask.fishmask import FishMask
 from ..ops import param_table as pt
@@ -59,12 +60,14 @@ class _GroupRuntime:
         # (step, started) shared by every trained tensor, or None: then `steps` / `started` are per tensor
         self.uniform: tuple[int, Any] | None = (0, False)
         # torch.optim convention: state['step'] is a float32 CPU scalar (on the parameters' device
-        # with capturable=True, as in torch); ours are views of this.
+        # with capturable=True, as in torch); ours are views of this, one entry per trained tensor
+        # (layout.rank), so that a step of all of them is one fill_.
         step_device = layout.device if capturable else torch.device("cpu")
-        self.step_tensor = torch.zeros(n, dtype=torch.float32, device=step_device)
+        self.step_tensor = torch.zeros(len(layout.trainable), dtype=torch.float32, device=step_device)
         # capturable: the group's step count on the device, read there by the kernels
         self.step_dev = torch.zeros((), dtype=torch.float32, device=layout.device) if capturable else None
         self.buffers: dict[str, Tensor] = {}
+        self.buffers_for: Any = None  # (buffer names, impl) the buffers were last ensured for
         self.grad: Tensor | None = None  # gathered gradients, [K]
         self.grad_ready = [False] * n  # set by hooks: this tensor's gradient is in self.grad
         # the MaskedGrad each gathered tensor's .grad was set to (None: none, or a sharded tensor,
@@ -78,7 +81,6 @@ class _GroupRuntime:
         self.strides = [p.stride() for p in layout.params]
         self.shapes = [p.shape for p in layout.params]
         self.dtypes = [p.dtype for p in layout.params]
-        self.trainable_index = torch.tensor(layout.trainable, dtype=torch.int64, device=step_device)
         self.sharded = any(sh is not None for sh in layout.shards)
         self.table = pt.ParamTable(layout.params, layout.starts, layout.flat_mem_indices, layout.flat_indices,
                                    layout.trainable, layout.device, layout.state_dtype)
@@ -277,51 +279,72 @@ class MaskedOptimizer(GradientsMixin, ClipMixin, CheckpointMixin, torch.optim.Op
             raise RuntimeError(_triton_refusal(layout.device, "the parameters"))
         return self.implementation
 
-    def _use_triton(self, layout: GroupLayout) -> bool:
-        """Whether this group's steps run the Triton kernel (for introspection and tests)."""
-        impl = self._kernel_impl(layout)
+    def _use_triton(self, layout: GroupLayout, impl: str | None = None) -> bool:
+        """Whether this group's steps run the Triton kernel (for introspection and tests); ``impl``:
+        what ``_kernel_impl`` returned this step, if known."""
+        if impl is None:
+            impl = self._kernel_impl(layout)
         if impl == "torch" or layout.state_dtype == torch.float64:
             return False
         return impl == "triton" or (layout.device.type == "cuda" and triton_usable_on(layout.device))
 
     # ------------------------------------------------------------------ stepping
-    @torch.no_grad()
     def step(self, closure=None):
         """Perform one optimisation step on the masked entries. Returns the closure's loss."""
+        # torch.optim.Optimizer wraps every step() in a profiler range and its step hooks, ~10 µs of
+        # Python per call. This step is marked `hooked`, so torch leaves it unwrapped, and it takes
+        # torch's wrapper only when a hook is registered or a profiler records.
+        if type(self).step is MaskedOptimizer.step and _step_wrapper_needed(self):
+            return _TORCH_WRAPPED_STEP(self, closure)
+        return self._step(closure)
+
+    step.hooked = True  # read by torch.optim.Optimizer._patch_step_function
+
+    def _step(self, closure=None):
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        # Plan every group before touching any: a refusal in group 1 must not leave group 0 stepped.
-        plans = [self._plan(gi) for gi in range(len(self.param_groups))]
-        for gi, (group, plan) in enumerate(zip(self.param_groups, plans)):
-            if plan is True:
-                self._step_all(gi, group)
-            else:
-                self._step_group(gi, group, plan)
+        grad_was_enabled = torch.is_grad_enabled()
+        torch._C._set_grad_enabled(False)  # torch.no_grad() without building a context object per step
+        try:
+            # Plan every group before touching any: a refusal in group 1 must not leave group 0 stepped.
+            plans = [self._plan(gi) for gi in range(len(self.param_groups))]
+            for gi, (group, (plan, impl)) in enumerate(zip(self.param_groups, plans)):
+                if plan is True:
+                    self._step_all(gi, group, impl)
+                else:
+                    self._step_group(gi, group, plan)
+        finally:
+            torch._C._set_grad_enabled(grad_was_enabled)
         return loss
 
-    def _plan(self, gi: int):
-        """True: every trained tensor of the group steps and its gradient is where the kernels read
-        it (the steady state, checked by one native call). Else the list of tensors that step."""
+    def _plan(self, gi: int) -> tuple[Any, str | None]:
+        """(True, impl): every trained tensor of the group steps and its gradient is where the
+        kernels read it (the steady state, checked by one native call), and the ops run with
+        ``impl``. Else (the list of tensors that step, None)."""
         lay, rt = self._layouts[gi], self._runtime[gi]
         if rt.uniform is not None and not rt.sharded and lay.trainable:
             mode = pt.PROXIES if self.free_dense_grads and self._hooks else pt.DENSE
             # DENSE: no gradient may wait in the flat buffer already (clip_grad_norm_ gathers there)
-            if (mode == pt.PROXIES or True not in rt.grad_ready) and not rt.table.check(mode) & pt.NEEDS_SLOW_PATH:
-                self._kernel_impl(lay)
-                return True
+            if (mode == pt.PROXIES or True not in rt.grad_ready) and not rt.table.check(mode, True) & pt.NEEDS_SLOW_PATH:
+                return True, self._kernel_impl(lay)
         self._sync_proxies(gi)
-        return self._active(gi)
+        return self._active(gi), None
 
-    def _step_all(self, gi: int, group: dict[str, Any]) -> None:
+    def _step_all(self, gi: int, group: dict[str, Any], impl: str) -> None:
         """The steady state: one op call per full run, no per-tensor work on the host."""
+        try:
+            self._step_all_runs(gi, group, impl)
+        finally:
+            self._runtime[gi].table.forget_clean()  # the check of _plan stands for this step only
+
+    def _step_all_runs(self, gi: int, group: dict[str, Any], impl: str) -> None:
         lay, rt = self._layouts[gi], self._runtime[gi]
-        bufs = self._ensure_buffers(gi, group)
+        bufs = self._ensure_buffers(gi, group, impl)
         step, key = rt.uniform
         step += 1
         in_flat = self.free_dense_grads and bool(self._hooks)
-        impl = self._kernel_impl(lay)
         if rt.step_dev is not None:
             rt.step_dev.add_(1)  # on the device: a captured graph advances it at every replay
         for first, last, dtype in rt.full_runs:
@@ -333,10 +356,7 @@ class MaskedOptimizer(GradientsMixin, ClipMixin, CheckpointMixin, torch.optim.Op
             self._call_op(gi, group, run, has_master, in_flat, impl)
         started = bool(bufs.keys() - {"master"}) or key
         rt.uniform = (step, started)
-        if rt.step_dev is not None:
-            rt.step_tensor.index_fill_(0, rt.trainable_index, rt.step_dev)
-        else:
-            rt.step_tensor.index_fill_(0, rt.trainable_index, float(step))
+        rt.step_tensor.fill_(rt.step_dev if rt.step_dev is not None else float(step))
         if step == 1:
             for i in lay.trainable:
                 self._publish_state(gi, i)
@@ -408,24 +428,28 @@ class MaskedOptimizer(GradientsMixin, ClipMixin, CheckpointMixin, torch.optim.Op
             prev = i
         return runs
 
-    def _ensure_buffers(self, gi: int, group: dict[str, Any]) -> dict[str, Tensor]:
+    def _ensure_buffers(self, gi: int, group: dict[str, Any], impl: str | None = None) -> dict[str, Tensor]:
         """The group's per-entry buffers, created (zeroed) on first need. A buffer that appears
         later (e.g. momentum switched on mid-training) is added to every published state."""
         lay, rt = self._layouts[gi], self._runtime[gi]
+        names = self._state_buffer_names(group)
+        if rt.buffers_for == (names, impl) and impl is not None:
+            return rt.buffers  # as at the last step: nothing to create
         added = False
         if self._needs_master(lay) and "master" not in rt.buffers:
             rt.buffers["master"] = torch.zeros(lay.total, dtype=lay.state_dtype, device=lay.device)
-        for name in self._state_buffer_names(group):
+        for name in names:
             if name not in rt.buffers:
                 rt.buffers[name] = torch.zeros(lay.total, dtype=lay.state_dtype, device=lay.device)
                 added = True
-        if rt.work is None and not self._use_triton(lay) and not all(self._master_for_dtype(lay, dt) for *_, dt in rt.full_runs):
+        if rt.work is None and not self._use_triton(lay, impl) and not all(self._master_for_dtype(lay, dt) for *_, dt in rt.full_runs):
             # scratch for the entries' values on the PyTorch path (the Triton kernel needs none)
             rt.work = torch.empty(lay.total, dtype=lay.state_dtype, device=lay.device)
         if added:
             for i, p in enumerate(lay.owners):
                 if p in self.state:
                     self._publish_state(gi, i)
+        rt.buffers_for = (names, impl)
         return rt.buffers
 
     def _needs_master(self, lay: GroupLayout) -> bool:
@@ -454,11 +478,11 @@ class MaskedOptimizer(GradientsMixin, ClipMixin, CheckpointMixin, torch.optim.Op
                 )
             rt.step_dev.add_(1)
         rt.materialize()
-        bufs = self._ensure_buffers(gi, group)
+        impl = self._kernel_impl(lay)
+        bufs = self._ensure_buffers(gi, group, impl)
         for i in active:
             rt.steps[i] += 1
         new_state = [i for i in active if rt.steps[i] == 1]
-        impl = self._kernel_impl(lay)
         for run in self._runs(lay, rt, active):
             has_master = self._master_for(lay, run)
             if has_master and run.step == 1:
@@ -469,9 +493,10 @@ class MaskedOptimizer(GradientsMixin, ClipMixin, CheckpointMixin, torch.optim.Op
                     rt.started[i] = True
         # keep state['step'] (torch's float32 CPU scalars) in sync in one op
         if len(active) == len(lay.trainable) and all(rt.steps[i] == rt.steps[active[0]] for i in active):
-            rt.step_tensor.index_fill_(0, rt.trainable_index, float(rt.steps[active[0]]))
+            rt.step_tensor.fill_(float(rt.steps[active[0]]))
         else:
-            rt.step_tensor[torch.tensor(active)] = torch.tensor([float(rt.steps[i]) for i in active])
+            ranks = torch.tensor([lay.rank[i] for i in active])
+            rt.step_tensor[ranks] = torch.tensor([float(rt.steps[i]) for i in active])
         for i in new_state:
             self._publish_state(gi, i)
         if any(rt.grad_ready):
@@ -517,17 +542,17 @@ class MaskedOptimizer(GradientsMixin, ClipMixin, CheckpointMixin, torch.optim.Op
         """Expose tensor i's slices of the flat buffers as torch-style per-parameter state."""
         lay, rt = self._layouts[gi], self._runtime[gi]
         sl = lay.slice(i)
-        st = {"step": rt.step_tensor[i]}
+        st = {"step": rt.step_tensor[lay.rank[i]]}
         for name, buf in rt.buffers.items():
             if name == "master" and lay.params[i].dtype == lay.state_dtype:
                 continue
             st[name] = buf[sl]
         self.state[lay.owners[i]] = st
 
-    def _grad_arg(self, gi: int, grads_in_flat: bool) -> Tensor | None:
+    def _grad_arg(self, gi: int, grads_in_flat: bool, impl: str | None = None) -> Tensor | None:
         """The flat gradient buffer for an op call; not allocated for the Triton kernel when it reads
         dense gradients in place."""
-        if grads_in_flat or not self._use_triton(self._layouts[gi]):
+        if grads_in_flat or not self._use_triton(self._layouts[gi], impl):
             return self._grad_buffer(gi)
         return self._runtime[gi].grad
 
@@ -592,7 +617,7 @@ class MaskedOptimizer(GradientsMixin, ClipMixin, CheckpointMixin, torch.optim.Op
             parts["indices"] += nbytes(lay.flat_indices) + nbytes(lay.flat_mem_indices)
             parts["grad"] += nbytes(rt.grad)
             parts["work"] += nbytes(rt.work)
-            parts["tables"] += nbytes(rt.step_tensor) + nbytes(rt.trainable_index)
+            parts["tables"] += nbytes(rt.step_tensor)
             parts["tables"] += rt.table.nbytes()
         parts["total"] = sum(parts.values())
         return parts
@@ -624,4 +649,18 @@ def _triton_refusal(device: torch.device, what: str) -> str:
         f"'torch' (the vectorised PyTorch path, on any device), or {fix}"
     )
 
+
+_TORCH_WRAPPED_STEP = torch.optim.Optimizer.profile_hook_step(MaskedOptimizer._step)
+
+
+def _step_wrapper_needed(opt: torch.optim.Optimizer) -> bool:
+    """Whether torch's step wrapper has work to do: a step hook (of this optimizer or global) or a
+    running profiler, which records the ``Optimizer.step#...`` range."""
+    return bool(opt._optimizer_step_pre_hooks or opt._optimizer_step_post_hooks or _GLOBAL_PRE_HOOKS
+                or _GLOBAL_POST_HOOKS) or torch.autograd._profiler_enabled()
+
+
+# the registries torch.optim.register_optimizer_step_pre_hook / _post_hook fill (dicts, mutated in place)
+_GLOBAL_PRE_HOOKS = getattr(_torch_optimizer, "_global_optimizer_pre_hooks", {})
+_GLOBAL_POST_HOOKS = getattr(_torch_optimizer, "_global_optimizer_post_hooks", {})
 

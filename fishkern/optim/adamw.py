@@ -7,7 +7,7 @@ from typing import Any
 from torch import Tensor
 
 from ..mask.fishmask import FishMask
-from ..ops.masked_step import masked_adamw_step_
+from ..ops.masked_step import masked_adamw_step_eager
 from ._masked import MaskedOptimizer, Run
 
 
@@ -94,8 +94,9 @@ class MaskedAdamW(MaskedOptimizer):
         bufs = rt.buffers
         beta1, beta2 = group["betas"]
         lr, lr_t = self._lr_of(group, self._layouts[gi])
-        masked_adamw_step_(
-            rt.table.handle, run.first, run.last, self._grad_arg(gi, grads_in_flat), grads_in_flat,
+        masked_adamw_step_eager(
+            self._layouts[gi].device, rt.table.handle, run.first, run.last, self._grad_arg(gi, grads_in_flat, impl),
+            grads_in_flat,
             bufs["master"] if has_master else None, rt.work,
             bufs["exp_avg"], bufs["exp_avg_sq"], bufs["max_exp_avg_sq"] if group["amsgrad"] else None,
             run.step, self._step_arg(gi), lr, lr_t, float(beta1), float(beta2), float(group["eps"]),

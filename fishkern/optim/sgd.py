@@ -8,7 +8,7 @@ from typing import Any
 from torch import Tensor
 
 from ..mask.fishmask import FishMask
-from ..ops.masked_step import masked_sgd_step_
+from ..ops.masked_step import masked_sgd_step_eager
 from ._masked import MaskedOptimizer, Run
 
 
@@ -76,8 +76,9 @@ class MaskedSGD(MaskedOptimizer):
                  impl: str) -> None:
         rt = self._runtime[gi]
         lr, lr_t = self._lr_of(group, self._layouts[gi])
-        masked_sgd_step_(
-            rt.table.handle, run.first, run.last, self._grad_arg(gi, grads_in_flat), grads_in_flat,
+        masked_sgd_step_eager(
+            self._layouts[gi].device, rt.table.handle, run.first, run.last, self._grad_arg(gi, grads_in_flat, impl),
+            grads_in_flat,
             rt.buffers["master"] if has_master else None, rt.work,
             rt.buffers["momentum_buffer"] if group["momentum"] != 0 else None,
             lr, lr_t, float(group["momentum"]), float(group["dampening"]), float(group["weight_decay"]),
