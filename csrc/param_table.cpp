@@ -9,7 +9,9 @@
 //
 //   param_table_new(params, checked)  -> handle   register the tensors once (kept alive here)
 //   param_table_set_proxies(h, proxies)           the `.grad` objects the hooks install
-//   param_table_check(h, mode, out)   -> flags    one pass over the checked tensors (below)
+//   param_table_check(h, mode, out, commit) -> flags  one pass over the checked tensors (below)
+//   param_table_commit(h, mode)                   a step of every checked tensor is under way: bump
+//                                                 their versions, mode 0: drop their proxies
 //   param_table_clear_grads(h)                    `.grad = None` where `.grad` is the proxy
 //   param_table_bump(h, first, last)              autograd version bump after a raw-pointer write
 //   param_table_free(h)
@@ -100,7 +102,17 @@ void param_table_set_proxies(int64_t h, at::IntArrayRef positions, at::TensorLis
 //         their addresses are recorded.
 // When a parameter or gradient address changed, `out` (int64, CPU, 2 * n entries) receives every
 // parameter address in [0, n) and every gradient address in [n, 2n) (0 where none).
-int64_t param_table_check(int64_t h, int64_t mode, at::Tensor out) {
+// `commit`: when nothing needs the slow path, also do what param_table_commit does, in the same
+// pass over the tensors' metadata (undone never: the caller is committed to stepping them all).
+void commit_one(at::Tensor& p, const at::Tensor& proxy, int64_t mode) {
+  p.unsafeGetTensorImpl()->bump_version();
+  if (mode == 0) {
+    const at::Tensor& g = p.grad();
+    if (g.defined() && proxy.defined() && g.unsafeGetTensorImpl() == proxy.unsafeGetTensorImpl()) p.mutable_grad().reset();
+  }
+}
+
+int64_t param_table_check(int64_t h, int64_t mode, at::Tensor out, bool commit) {
   auto t = get(h);
   const int64_t n = static_cast<int64_t>(t->params.size());
   TORCH_CHECK(out.device().is_cpu() && out.scalar_type() == at::kLong && out.is_contiguous() && out.numel() == 2 * n,
@@ -146,7 +158,19 @@ int64_t param_table_check(int64_t h, int64_t mode, at::Tensor out) {
       o[n + i] = t->grad_addr[i];
     }
   }
+  constexpr int64_t kSlowPath = kParamMoved | kGradMissing | kGradOther | kParamChanged;
+  if (commit && !(flags & kSlowPath)) {
+    for (int64_t i : t->checked) commit_one(t->params[i], t->proxies[i], mode);
+  }
   return flags;
+}
+
+// Every checked tensor is being stepped (the steady state): bump their autograd versions (the
+// kernels write them through raw pointers) and, mode 0, drop the proxies from .grad (the gathered
+// gradients are consumed), in one pass.
+void param_table_commit(int64_t h, int64_t mode) {
+  auto t = get(h);
+  for (int64_t i : t->checked) commit_one(t->params[i], t->proxies[i], mode);
 }
 
 // After step(): gradients gathered by the hooks are consumed; drop the proxies from .grad.
@@ -174,7 +198,8 @@ TORCH_LIBRARY_FRAGMENT(fishkern, m) {
   m.def("param_table_new(Tensor[] params, int[] checked) -> int", &param_table_new);
   m.def("param_table_free(int handle) -> ()", &param_table_free);
   m.def("param_table_set_proxies(int handle, int[] positions, Tensor[] proxies) -> ()", &param_table_set_proxies);
-  m.def("param_table_check(int handle, int mode, Tensor(a!) out) -> int", &param_table_check);
+  m.def("param_table_check(int handle, int mode, Tensor(a!) out, bool commit=False) -> int", &param_table_check);
+  m.def("param_table_commit(int handle, int mode) -> ()", &param_table_commit);
   m.def("param_table_clear_grads(int handle) -> ()", &param_table_clear_grads);
   m.def("param_table_bump(int handle, int first, int last) -> ()", &param_table_bump);
 }

@@ -171,6 +171,20 @@ def _torch_run(t: ParamTable, first: int, last: int, grad: Tensor, grads_in_flat
     _scatter_values(t, first, last, values)
 
 
+_LAUNCHERS: dict[str, object] = {}
+
+
+def _launcher(module: str, name: str):
+    """A Triton launcher, imported on first use (importing triton is left to the first CUDA step) and
+    kept (an import statement per call costs a microsecond or two)."""
+    fn = _LAUNCHERS.get(name)
+    if fn is None:
+        import importlib
+
+        fn = _LAUNCHERS[name] = getattr(importlib.import_module(f"{__package__}.{module}"), name)
+    return fn
+
+
 def _log(beta: float) -> float:
     return math.log(beta) if beta > 0 else -math.inf
 
@@ -209,15 +223,15 @@ def _triton_grads(t: ParamTable, first: int, last: int, grad: Tensor, grads_in_f
 
 # ---------------------------------------------------------------------- AdamW
 def _adamw(kernel, table_h, first, last, grad, grads_in_flat, master, work, exp_avg, exp_avg_sq, max_exp_avg_sq,
-           step, step_t, lr, lr_t, beta1, beta2, eps, weight_decay, maximize, impl, trusted=False) -> None:
+           step, step_t, lr, lr_t, beta1, beta2, eps, weight_decay, maximize, impl, trusted=False,
+           bumped=False) -> None:
     t = table(table_h)
     if not trusted:
         _check("masked_adamw_step_", t, first, last, grad, grads_in_flat, work, impl,
                {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq, "max_exp_avg_sq": max_exp_avg_sq, "master": master})
     capturable = step_t is not None
     if _triton_for(t, impl, kernel):
-        from .adamw_triton import masked_adamw_triton
-
+        masked_adamw_triton = _launcher("adamw_triton", "masked_adamw_triton")
         grad_flat, grad_addr = _triton_grads(t, first, last, grad, grads_in_flat)
         bt = t.block_table()
         param_addr = t.addresses()[0]
@@ -229,7 +243,8 @@ def _adamw(kernel, table_h, first, last, grad, grads_in_flat, master, work, exp_
         masked_adamw_triton(bt, bt.blocks_of(first, last), param_addr, grad_addr, t.mem_index, grad_flat, exp_avg,
                             exp_avg_sq, max_exp_avg_sq, master, s, param_dtype=t.params[first].dtype,
                             maximize=maximize, capturable=dev, weight_decay=weight_decay)
-        t.bump_versions(first, last)
+        if not bumped:
+            t.bump_versions(first, last)
         return
 
     def update(values, grads, lo, hi):
@@ -248,7 +263,7 @@ def _adamw(kernel, table_h, first, last, grad, grads_in_flat, master, work, exp_
 
 # ---------------------------------------------------------------------- SGD
 def _sgd(kernel, table_h, first, last, grad, grads_in_flat, master, work, momentum_buffer, lr, lr_t, momentum,
-         dampening, weight_decay, nesterov, maximize, first_step, impl, trusted=False) -> None:
+         dampening, weight_decay, nesterov, maximize, first_step, impl, trusted=False, bumped=False) -> None:
     t = table(table_h)
     if not trusted:
         _check("masked_sgd_step_", t, first, last, grad, grads_in_flat, work, impl,
@@ -256,15 +271,15 @@ def _sgd(kernel, table_h, first, last, grad, grads_in_flat, master, work, moment
     if momentum != 0 and momentum_buffer is None:
         raise ValueError("masked_sgd_step_: momentum != 0 needs a momentum_buffer")
     if _triton_for(t, impl, kernel):
-        from .sgd_triton import masked_sgd_triton
-
+        masked_sgd_triton = _launcher("sgd_triton", "masked_sgd_triton")
         grad_flat, grad_addr = _triton_grads(t, first, last, grad, grads_in_flat)
         bt = t.block_table()
         masked_sgd_triton(bt, bt.blocks_of(first, last), t.addresses()[0], grad_addr, t.mem_index, grad_flat,
                           momentum_buffer if momentum != 0 else None, master, lr=lr, lr_t=lr_t, momentum=momentum,
                           dampening=dampening, nesterov=nesterov, weight_decay=weight_decay, maximize=maximize,
                           first_step=first_step, param_dtype=t.params[first].dtype, state_dtype=t.state_dtype)
-        t.bump_versions(first, last)
+        if not bumped:
+            t.bump_versions(first, last)
         return
 
     def update(values, grads, lo, hi):
@@ -288,14 +303,15 @@ def _eager(op, kernel):
     """``op``, callable as ``f(device, *args)``, for the optimizers' step: in eager mode it calls the
     kernel the dispatcher would pick for ``device`` directly — turning this schema's ~20 arguments
     into dispatcher values and back costs ~10 µs per call on the host, more than the CUDA kernel
-    itself — and skips the argument checks (the optimizer made every buffer for its table). Under
+    itself — and skips the argument checks (the optimizer made every buffer for its table);
+    ``bumped``: the caller bumped the parameters' autograd versions already (ParamTable.commit). Under
     torch.compile tracing or a dispatch mode (FakeTensorMode, FlopCounterMode, ...) the call goes
     through the dispatcher, checks included."""
 
-    def call(device: torch.device, *args):
+    def call(device: torch.device, *args, bumped: bool = False):
         if torch._C._len_torch_dispatch_stack() or torch.compiler.is_compiling():
             return op(*args)
-        return kernel("cuda" if device.type == "cuda" else "default", *args, trusted=True)
+        return kernel("cuda" if device.type == "cuda" else "default", *args, trusted=True, bumped=bumped)
 
     return call
 

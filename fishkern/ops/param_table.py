@@ -87,6 +87,7 @@ class ParamTable:
             self._check_op = self._ops.param_table_check.default
             self._clear_op = self._ops.param_table_clear_grads.default
             self._bump_op = self._ops.param_table_bump.default
+            self._commit_op = self._ops.param_table_commit.default
 
     def __reduce__(self):
         # a copy would share (and free twice) the native registration and alias the parameters
@@ -117,14 +118,17 @@ class ParamTable:
         if self._ops is not None:
             self._ops.param_table_set_proxies(self._native_handle, positions, proxies)
 
-    def check(self, mode: int, remember: bool = False) -> int:
+    def check(self, mode: int, remember: bool = False, commit: bool = False) -> int:
         """Flags (see the module constants) for the checked tensors; refreshes the device address
         table when an address moved. ``remember``: a clean answer stands for this step's op calls
-        (``take_clean``) until ``forget_clean()``."""
+        (``take_clean``) until ``forget_clean()``. ``commit``: a clean answer also does ``commit(mode)``
+        in the same pass (the caller then steps every checked tensor)."""
         if self._ops is not None:
-            flags = self._check_op(self._native_handle, mode, self._host)
+            flags = self._check_op(self._native_handle, mode, self._host, commit)
         else:
             flags = self._check_python(mode)
+            if commit and not flags & NEEDS_SLOW_PATH:
+                self.commit(mode)
         if flags & (PARAM_MOVED | GRAD_MOVED) and self._addr is not None:
             self._upload()
         self._clean_mode = mode if remember and not flags & NEEDS_SLOW_PATH else None
@@ -165,6 +169,17 @@ class ParamTable:
         if flags & GRAD_MOVED:
             host[n:] = torch.tensor(self._py_grad_addr, dtype=torch.int64)
         return flags
+
+    def commit(self, mode: int) -> None:
+        """A step of every checked tensor is under way: bump their autograd versions (the kernels
+        write them through raw pointers) and, in PROXIES mode, drop the proxies from ``.grad`` (the
+        gathered gradients are consumed) — one pass instead of ``bump_versions`` + ``clear_grads``."""
+        if self._ops is not None:
+            self._commit_op(self._native_handle, mode)
+            return
+        torch.autograd.graph.increment_version([self.params[i] for i in self.checked])
+        if mode == PROXIES:
+            self.clear_grads()
 
     def clear_grads(self) -> None:
         """``.grad = None`` wherever ``.grad`` is the registered proxy (the gradients are consumed)."""

@@ -82,12 +82,15 @@ def _warn_old_triton() -> None:
                       "(upgrade triton for them)", RuntimeWarning, stacklevel=3)
 
 
-def tl_dtype(dtype: torch.dtype):
-    import triton.language as tl
+_TL_DTYPES: dict = {}
 
-    return {
-        torch.float32: tl.float32,
-        torch.bfloat16: tl.bfloat16,
-        torch.float16: tl.float16,
-        torch.float64: tl.float64,
-    }[dtype]
+
+def tl_dtype(dtype: torch.dtype):
+    """triton.language's dtype for a torch dtype (the map is built on first use: importing triton is
+    left to the first launch)."""
+    if not _TL_DTYPES:
+        import triton.language as tl
+
+        _TL_DTYPES.update({torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16,
+                           torch.float64: tl.float64})
+    return _TL_DTYPES[dtype]

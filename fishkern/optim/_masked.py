@@ -309,31 +309,40 @@ class MaskedOptimizer(GradientsMixin, ClipMixin, CheckpointMixin, torch.optim.Op
         torch._C._set_grad_enabled(False)  # torch.no_grad() without building a context object per step
         try:
             # Plan every group before touching any: a refusal in group 1 must not leave group 0 stepped.
-            plans = [self._plan(gi) for gi in range(len(self.param_groups))]
-            for gi, (group, (plan, impl)) in enumerate(zip(self.param_groups, plans)):
+            last = len(self.param_groups) - 1
+            plans = [self._plan(gi, commit=gi == last) for gi in range(last + 1)]
+            for gi, (group, (plan, impl, committed)) in enumerate(zip(self.param_groups, plans)):
                 if plan is True:
-                    self._step_all(gi, group, impl)
+                    self._step_all(gi, group, impl, committed)
                 else:
                     self._step_group(gi, group, plan)
         finally:
             torch._C._set_grad_enabled(grad_was_enabled)
         return loss
 
-    def _plan(self, gi: int) -> tuple[Any, str | None]:
-        """(True, impl): every trained tensor of the group steps and its gradient is where the
-        kernels read it (the steady state, checked by one native call), and the ops run with
-        ``impl``. Else (the list of tensors that step, None)."""
+    def _plan(self, gi: int, commit: bool) -> tuple[Any, str | None, bool]:
+        """(True, impl, committed): every trained tensor of the group steps and its gradient is where
+        the kernels read it (the steady state, checked by one native call), and the ops run with
+        ``impl``; ``committed``: the check also did the table's ``commit`` (asked for by ``commit``,
+        when no later group is left to plan, so nothing can refuse the step any more). Else (the list
+        of tensors that step, None, False)."""
         lay, rt = self._layouts[gi], self._runtime[gi]
         if rt.uniform is not None and not rt.sharded and lay.trainable:
             mode = pt.PROXIES if self.free_dense_grads and self._hooks else pt.DENSE
             # DENSE: no gradient may wait in the flat buffer already (clip_grad_norm_ gathers there)
-            if (mode == pt.PROXIES or True not in rt.grad_ready) and not rt.table.check(mode, True) & pt.NEEDS_SLOW_PATH:
-                return True, self._kernel_impl(lay)
+            if mode == pt.PROXIES or True not in rt.grad_ready:
+                impl = self._kernel_impl(lay)  # may refuse: before the commit
+                if not rt.table.check(mode, remember=True, commit=commit) & pt.NEEDS_SLOW_PATH:
+                    return True, impl, commit
         self._sync_proxies(gi)
-        return self._active(gi), None
+        return self._active(gi), None, False
 
-    def _step_all(self, gi: int, group: dict[str, Any], impl: str) -> None:
-        """The steady state: one op call per full run, no per-tensor work on the host."""
+    def _step_all(self, gi: int, group: dict[str, Any], impl: str, committed: bool) -> None:
+        """The steady state: one op call per full run, no per-tensor work in Python. The table's
+        commit (autograd versions, proxies off .grad) is one native pass, here or in the check."""
+        rt = self._runtime[gi]
+        if not committed:
+            rt.table.commit(pt.PROXIES if self.free_dense_grads and self._hooks else pt.DENSE)
         try:
             self._step_all_runs(gi, group, impl)
         finally:
@@ -353,15 +362,14 @@ class MaskedOptimizer(GradientsMixin, ClipMixin, CheckpointMixin, torch.optim.Op
             has_master = self._master_for(lay, run)
             if has_master and step == 1:
                 self._init_master(lay, run, bufs["master"])
-            self._call_op(gi, group, run, has_master, in_flat, impl)
+            self._call_op(gi, group, run, has_master, in_flat, impl, bumped=True)
         started = bool(bufs.keys() - {"master"}) or key
         rt.uniform = (step, started)
         rt.step_tensor.fill_(rt.step_dev if rt.step_dev is not None else float(step))
         if step == 1:
             for i in lay.trainable:
                 self._publish_state(gi, i)
-        if in_flat:  # the gathered gradients are consumed: the proxies leave .grad
-            rt.table.clear_grads()
+        if in_flat:  # the gathered gradients are consumed (the commit took the proxies off .grad)
             n = len(lay.params)
             rt.proxies = [None] * n
             rt.grad_ready = [False] * n
@@ -575,8 +583,9 @@ class MaskedOptimizer(GradientsMixin, ClipMixin, CheckpointMixin, torch.optim.Op
         raise NotImplementedError
 
     def _call_op(self, gi: int, group: dict[str, Any], run: Run, has_master: bool, grads_in_flat: bool,
-                 impl: str) -> None:
-        """Step the run with the optimizer's op (one call)."""
+                 impl: str, bumped: bool = False) -> None:
+        """Step the run with the optimizer's op (one call); ``bumped``: the table's commit bumped the
+        parameters' autograd versions already."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------ introspection

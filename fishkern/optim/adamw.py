@@ -89,7 +89,7 @@ class MaskedAdamW(MaskedOptimizer):
         return ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if group["amsgrad"] else [])
 
     def _call_op(self, gi: int, group: dict[str, Any], run: Run, has_master: bool, grads_in_flat: bool,
-                 impl: str) -> None:
+                 impl: str, bumped: bool = False) -> None:
         rt = self._runtime[gi]
         bufs = rt.buffers
         beta1, beta2 = group["betas"]
@@ -100,7 +100,7 @@ class MaskedAdamW(MaskedOptimizer):
             bufs["master"] if has_master else None, rt.work,
             bufs["exp_avg"], bufs["exp_avg_sq"], bufs["max_exp_avg_sq"] if group["amsgrad"] else None,
             run.step, self._step_arg(gi), lr, lr_t, float(beta1), float(beta2), float(group["eps"]),
-            float(group["weight_decay"]), bool(group["maximize"]), impl,
+            float(group["weight_decay"]), bool(group["maximize"]), impl, bumped=bumped,
         )
 
 

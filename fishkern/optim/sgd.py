@@ -73,7 +73,7 @@ class MaskedSGD(MaskedOptimizer):
         return rt.started[i]
 
     def _call_op(self, gi: int, group: dict[str, Any], run: Run, has_master: bool, grads_in_flat: bool,
-                 impl: str) -> None:
+                 impl: str, bumped: bool = False) -> None:
         rt = self._runtime[gi]
         lr, lr_t = self._lr_of(group, self._layouts[gi])
         masked_sgd_step_eager(
@@ -82,5 +82,5 @@ class MaskedSGD(MaskedOptimizer):
             rt.buffers["master"] if has_master else None, rt.work,
             rt.buffers["momentum_buffer"] if group["momentum"] != 0 else None,
             lr, lr_t, float(group["momentum"]), float(group["dampening"]), float(group["weight_decay"]),
-            bool(group["nesterov"]), bool(group["maximize"]), not run.key, impl,
+            bool(group["nesterov"]), bool(group["maximize"]), not run.key, impl, bumped=bumped,
         )
