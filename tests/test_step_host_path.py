@@ -186,3 +186,46 @@ def test_grad_mode_is_restored_also_after_an_error():
         with pytest.raises(RuntimeError):
             opt.step()
         assert not torch.is_grad_enabled()
+
+
+@pytest.mark.parametrize("free", [True, False])
+def test_a_refusal_in_a_later_group_leaves_the_earlier_groups_untouched(free):
+    params, masks = _model_and_masks()
+    extra = torch.nn.Parameter(torch.randn(4))
+    opt = MaskedAdamW([{"params": params, "mask_indices": masks},
+                       {"params": [extra], "mask_indices": [torch.tensor([0, 2])]}], lr=1e-2, free_dense_grads=free)
+    for s in range(2):  # into the steady state
+        _backward(params + [extra], s)
+        opt.step()
+        opt.zero_grad()
+    _backward(params, 5)
+    before = [p.detach().clone() for p in params]
+    versions = [p._version for p in params]
+    grads = [p.grad for p in params]
+    extra.grad = torch.ones(4).to_sparse()  # group 1 refuses sparse gradients
+    with pytest.raises(RuntimeError, match="sparse gradient"):
+        opt.step()
+    assert all(p._version == v for p, v in zip(params, versions)), "group 0 was committed before group 1 refused"
+    assert all(p.grad is g for p, g in zip(params, grads)), "group 0 lost its gradients"
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+    # the user fixes it and steps: the same result as an optimizer that never saw the refusal
+    extra.grad = torch.ones(4)
+    opt.step()
+    assert not all(torch.equal(p, b) for p, b in zip(params, before))
+
+
+@pytest.mark.parametrize("free", [True, False])
+def test_the_steady_step_bumps_versions_so_stale_graphs_raise(free):
+    params, masks = _model_and_masks()
+    opt = MaskedAdamW(params, masks, lr=1e-2, free_dense_grads=free)
+    for s in range(3):
+        _backward(params, s)
+        opt.step()
+        opt.zero_grad()
+    saved = (params[0] * params[0]).sum()  # saves params[0] for backward
+    _backward(params, 9)
+    opt.step()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        saved.backward()
+    if free:
+        assert all(p.grad is None for p in params), "the gathered gradients are consumed by step()"
