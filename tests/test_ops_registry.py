@@ -16,7 +16,7 @@ def test_every_op_has_a_default_kernel():
     extension; the fakes are exercised by each op's opcheck (test_faketensor)."""
     ops = all_ops()
     assert {"topk_select", "gather_masked", "scatter_masked_", "masked_adamw_step_", "masked_sgd_step_",
-            "linear_fisher_acc_"} <= set(ops), sorted(ops)
+            "linear_fisher_acc_", "conv2d_fisher_acc_"} <= set(ops), sorted(ops)
     for name in ops:
         qual = f"fishkern::{name}"
         assert torch._C._dispatch_has_kernel_for_dispatch_key(qual, "CompositeExplicitAutograd"), f"{name}: no default kernel"
@@ -42,4 +42,4 @@ def test_op_modules_import_without_triton_or_cuda():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert int(out.stdout.strip()) == len(all_ops())
-    assert len(OP_MODULES) == 4
+    assert len(OP_MODULES) == 5

@@ -1,45 +1,62 @@
 """Per-layer Fisher rules for convolutions: Σₙ Gₙ² of a conv layer's weight and bias from its input
-and its output gradient (see rule_base.py for the contract a rule follows)."""
-from __future__ import annotations
+and its output gradient (see rule_base.py for the contract a rule follows).
 
-import math
+The weight's Σₙ Gₙ² is the op ``fishkern::conv2d_fisher_acc_`` (fishkern/ops/conv_fisher.py: exact
+PyTorch forms picked per layer on any device, a Triton kernel on CUDA). Conv1d is the same op on a
+height-1 image. Padding modes other than zeros (and string padding) are applied to the input here,
+so the op always sees zero padding."""
+from __future__ import annotations
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .rule_base import Rule, _chunks, _Unsupported
+from ..ops import conv_fisher as cf
+from .rule_base import Rule, _Unsupported
 
 
-class Conv2dRule(Rule):
-    """Per sample Gₙ = gₙ · unfold(xₙ)ᵀ per group, summed over output positions."""
+def _op_inputs(x: torch.Tensor, g: torch.Tensor, acc_dtype: torch.dtype):
+    """x and g in one dtype the op takes for this accumulator (they differ under autocast: fp32
+    input, bf16 output gradient; a float64 accumulator takes float64 inputs)."""
+    dt = x.dtype if x.dtype == g.dtype else torch.promote_types(x.dtype, g.dtype)
+    if acc_dtype == torch.float64 or dt not in cf.INPUT_DTYPES:
+        dt = acc_dtype
+    return x.to(dt), g.to(dt)
 
-    def accumulate(self, m: nn.Conv2d, args, kwargs, g, lengths, acc, ctx):
+
+class _ConvRule(Rule):
+    """nn.Conv1d / nn.Conv2d (their own forward); the op picks its form per layer."""
+
+    spatial = 2
+
+    def accumulate(self, m, args, kwargs, g, lengths, acc, ctx):
         x = args[0] if args else kwargs["input"]
-        if x.dim() != 4:
+        if x.dim() != self.spatial + 2:
             raise _Unsupported(f"{type(m).__name__} called on an unbatched {x.dim()}-D input")
-        dt = ctx.acc_dtype
         padding = m.padding
         if isinstance(padding, str) or m.padding_mode != "zeros":
             mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
             x = F.pad(x, m._reversed_padding_repeated_twice, mode=mode)
-            padding = 0
-        B, G = x.shape[0], m.groups
-        cout, cin_g = m.out_channels, m.in_channels // G
-        kk = cin_g * math.prod(m.kernel_size)
-        L = g.shape[2] * g.shape[3]
+            padding = (0,) * self.spatial
         if "weight" in acc:
-            w = acc["weight"].view(G, cout // G, kk)
-            per_sample = (cin_g * G * math.prod(m.kernel_size) + cout) * L + cout * kk
-            for s, e in _chunks(B, per_sample, ctx.chunk_elems):
-                cols = F.unfold(x[s:e].to(dt), m.kernel_size, m.dilation, padding, m.stride)  # (c, Cin·k, L)
-                c = e - s
-                cols = cols.view(c, G, kk, L)
-                gg = g[s:e].to(dt).reshape(c, G, cout // G, L)
-                Gn = torch.einsum("bgol,bgil->bgoi", gg, cols)
-                w.add_(Gn.square_().sum(0))
+            w = acc["weight"]
+            xs, gs = _op_inputs(x, g, w.dtype)
+            stride, dilation = m.stride, m.dilation
+            if self.spatial == 1:  # a height-1 image
+                xs, gs, w = xs.unsqueeze(2), gs.unsqueeze(2), w.unsqueeze(2)
+                stride, padding, dilation = (1, *stride), (0, *padding), (1, *dilation)
+            cf.conv2d_fisher_acc_(w, xs, gs, stride, padding, dilation, m.groups, chunk_elems=ctx.chunk_elems)
         if "bias" in acc:
-            acc["bias"].add_(g.to(dt).sum((2, 3)).square().sum(0))
+            dims = tuple(range(2, g.dim()))
+            acc["bias"].add_(g.to(ctx.acc_dtype).sum(dims).square().sum(0))
+
+
+class Conv2dRule(_ConvRule):
+    spatial = 2
+
+
+class Conv1dRule(_ConvRule):
+    spatial = 1
 
 
 def conv_rule_for(module: nn.Module, name: str) -> Rule | None:
@@ -47,5 +64,6 @@ def conv_rule_for(module: nn.Module, name: str) -> Rule | None:
     not one this module handles (the caller then tries the other rules)."""
     if type(module).forward is nn.Conv2d.forward:
         return Conv2dRule()
+    if type(module).forward is nn.Conv1d.forward:
+        return Conv1dRule()
     return None
-

@@ -9,6 +9,9 @@ op                         what it does                                     kern
                            (``fishkern.topk``)                              CPU + CUDA (C++)
 ``linear_fisher_acc_``     a Linear weight's diagonal Fisher over a batch   default (batched torch),
                            of sequences (``linear_fisher.py``)              CUDA (Triton)
+``conv2d_fisher_acc_``     a Conv2d (and Conv1d) weight's diagonal Fisher   default (grouped conv /
+                           over a batch (``conv_fisher.py``)                unfold+GEMM, per layer),
+                                                                            CUDA (Triton)
 ``gather_masked``,         the masked entries of many tensors to / from a   default (per tensor),
 ``scatter_masked_``        flat buffer (``masked_copy.py``)                 CPU (C++, threaded)
 ``masked_adamw_step_``,    one optimizer step of a run of tensors           default (vectorised torch),
@@ -28,6 +31,7 @@ import importlib
 OP_MODULES = (
     "fishkern.topk.ops",
     "fishkern.ops.linear_fisher",
+    "fishkern.ops.conv_fisher",
     "fishkern.ops.masked_copy",
     "fishkern.ops.masked_step",
 )
