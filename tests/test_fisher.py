@@ -63,10 +63,10 @@ def bert_batches(n, batch, T, num_labels=3, seed=1, pad=True, regression=False):
     return out, lengths
 
 
-@pytest.fixture(params=["pairs", "per_sample"])
+@pytest.fixture(params=["pairs", "per_sample", "chunks"])
 def linear_form(request, monkeypatch):
-    """Both exact forms of the sequence-Linear rule."""
-    monkeypatch.setattr(linear_fisher, "GRAM_EXTRA_PAIRS", 10**9 if request.param == "pairs" else -(10**9))
+    """Every exact form (and both paths of the per-sample form) of the sequence-Linear rule."""
+    monkeypatch.setattr(linear_fisher, "choose_form", lambda *args: request.param)
     return request.param
 
 

@@ -76,10 +76,10 @@ def test_op_is_declared_once_with_a_cuda_kernel():
 SHAPES = [(3, 13, 37, 29), (1, 13, 37, 29), (4, 1, 37, 29), (2, 40, 70, 67), (2, 5, 1, 1), (6, 9, 3, 130)]
 
 
-@pytest.fixture(params=["pairs", "per_sample"])
+@pytest.fixture(params=["pairs", "per_sample", "chunks"])
 def form(request, monkeypatch):
-    """Both exact forms of the default kernel."""
-    monkeypatch.setattr(lf, "GRAM_EXTRA_PAIRS", 10**9 if request.param == "pairs" else -(10**9))
+    """Every exact form (and both paths of the per-sample form) of the default kernel."""
+    monkeypatch.setattr(lf, "choose_form", lambda *args: request.param)
     return request.param
 
 
@@ -322,3 +322,16 @@ def test_linear_rule_takes_mixed_input_dtypes():
     acc = {"weight": torch.zeros(37, 29, dtype=torch.float64)}
     rules.LinearRule().accumulate(layer, (x,), {}, g, None, acc, rules.Context(torch.float64, "op", 1 << 21))
     _check(acc["weight"], linear_fisher_reference(x, g.float()), torch.float64)
+
+
+def test_cost_model_switch_points():
+    """Token pairs for very short sequences, per-sample GEMMs from a few tokens up; padding counts
+    against the pair form (it runs to the longest sample) but not the per-sample one."""
+    pick = lf.choose_form
+    assert [pick(t, [t] * 32) for t in (1, 2, 3, 4)] == ["pairs"] * 4
+    assert [pick(t, [t] * 32) for t in (6, 8, 16, 128, 512)] == ["per_sample"] * 5
+    t = 4
+    assert pick(t, [t] * 32) == "pairs" and pick(t, [1] * 31 + [t]) == "per_sample"
+    # the rule behind it: pairs cost t(t + 1) per sample, per-sample 2 t + ADDCMUL_COST
+    for t in range(1, 12):
+        assert (pick(t, [t]) == "pairs") == (t * (t + 1) <= 2 * t + lf.ADDCMUL_COST)

@@ -14,7 +14,8 @@ from __future__ import annotations
 import contextlib
 import time
 import warnings
-from collections.abc import Callable, Iterable
+import weakref
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -290,28 +291,64 @@ def _detach(obj):
 
 
 # -------------------------------------------------------------------------------- self-check
-_CHECK_SAMPLES = 3
+# Two samples: the fewest that can show samples mixing across the batch dimension, and the two most
+# padded ones of the first batch (kept at the batch's length, so padded tokens are exercised).
+_CHECK_SAMPLES = 2
 _CHECK_RTOL = {torch.float64: 1e-8, torch.float32: 1e-3, torch.bfloat16: 5e-2, torch.float16: 5e-2}
+# model -> {structure key: use_lengths that passed}: a model is checked once per process for each
+# structure it is estimated with (its modules, trainable parameters, device, Fisher kind, loss and
+# batch layout). Per model instance, not per class: two instances of one class may behave
+# differently (a config flag read in forward), and only running the check can tell.
+_CHECKED: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, bool]]" = weakref.WeakKeyDictionary()
+
+
+def clear_self_check_cache() -> None:
+    """Forget which models passed the self-check (the next estimate of each checks again)."""
+    _CHECKED.clear()
+
+
+def _structure_key(model: nn.Module, params, b: Batch, kind, loss_fn) -> tuple:
+    modules = tuple((n, type(m)) for n, m in model.named_modules())
+    trainable = tuple((n, tuple(p.shape), p.dtype, p.device) for n, p in params)
+    if isinstance(b.inputs, Mapping):
+        layout = tuple(sorted((k, isinstance(v, Tensor) and v.dim()) for k, v in b.inputs.items()))
+    else:
+        layout = (type(b.inputs),)
+    return modules, trainable, kind, loss_fn, layout, b.attention_mask is not None
 
 
 def _disagreement(got, ref, params) -> str | None:
-    top = max((v.abs().max().item() for v in ref.values() if v.numel()), default=0.0)
-    for n, p in params:
-        a, b = got[n], ref[n]
-        if not a.numel():
-            continue
-        scale = max(b.abs().max().item(), 1e-6 * top, 1e-30)
-        err = (a - b).abs().max().item() / scale
-        if not err <= _CHECK_RTOL.get(p.dtype, 1e-3):
+    """The first parameter whose batched scores differ from the loop's beyond the dtype's tolerance,
+    with the difference; one device sync for all of them."""
+    names = [n for n, _ in params if ref[n].numel()]
+    if not names:
+        return None
+    peaks = torch.stack([ref[n].abs().max().to(torch.float64) for n in names])
+    errs = torch.stack([(got[n] - ref[n]).abs().max().to(torch.float64) for n in names])
+    scale = torch.maximum(peaks, 1e-6 * peaks.max()).clamp_min(1e-30)
+    rel = (errs / scale).tolist()
+    dtypes = dict(params)
+    for n, err in zip(names, rel):
+        if not err <= _CHECK_RTOL.get(dtypes[n].dtype, 1e-3):
             return f"'{n}' (relative difference {err:.2g})"
     return None
 
 
 def _self_check(engine: "_Engine", model, params, b: Batch, kind, loss_fn) -> None:
-    """Before the first batch counts: the batched rules against the per-sample loop on a few samples
+    """Before the first batch counts: the batched rules against the per-sample loop on two samples
     (the most padded ones). Catches models that break the batched path's assumptions — dim 0 not
     the samples, padded tokens that do matter, parameters used outside their module's forward —
-    and falls back (to no padding skip, or to the loop) instead of returning wrong scores."""
+    and falls back (to no padding skip, or to the loop) instead of returning wrong scores. Skipped
+    for a model already checked with this structure in this process (``_CHECKED``)."""
+    key = _structure_key(model, params, b, kind, loss_fn)
+    try:
+        hash(key)
+    except TypeError:  # an unhashable loss_fn: check every time
+        key = None
+    passed = _CHECKED.get(model, {})
+    if key is not None and key in passed:
+        engine.use_lengths = passed[key]
+        return
     mask = b.attention_mask
     lengths = right_padded_lengths(mask) if mask is not None and mask.shape[0] == b.size else None
     n = min(_CHECK_SAMPLES, b.size)
@@ -333,6 +370,10 @@ def _self_check(engine: "_Engine", model, params, b: Batch, kind, loss_fn) -> No
             bad = _disagreement(engine.acc, ref, params)
             if bad is None:
                 engine.use_lengths = use_lengths
+                # A verdict on skipping padding holds only if the samples had padding to skip.
+                saw_padding = lengths is None or bool((lengths[idx.to(lengths.device)] < mask.shape[1]).any())
+                if key is not None and saw_padding:
+                    _CHECKED.setdefault(model, {})[key] = use_lengths
                 return
     finally:
         engine.acc = real
@@ -401,8 +442,11 @@ def estimate_fisher(
         False: silent.
     chunk_elems: bound on per-sample entries alive at once in the PyTorch rules.
     self_check: before the first batch counts, compare the batched rules with the per-sample loop on
-        a few samples (the most padded ones); on disagreement retry without skipping padded tokens,
-        then fall back to the loop, with a warning. Costs a few per-sample passes, once.
+        two samples (the most padded ones); on disagreement retry without skipping padded tokens,
+        then fall back to the loop, with a warning. Costs two per-sample passes and one batched pass
+        of two samples, once per model and structure per process (a later estimate of the same
+        model with the same modules, parameters, kind, loss and batch layout reuses the verdict;
+        ``fishkern.fisher.clear_self_check_cache()`` forgets it).
 
     The model is in eval mode during the estimate and restored afterwards; parameters' `.grad` and
     `requires_grad` are left as they were, and no hook or reference to the model, its inputs or its

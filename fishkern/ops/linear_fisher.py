@@ -9,9 +9,12 @@ For ``y = x @ W.T`` applied to B sequences, sample b's weight gradient is
 
 Kernels (the dispatcher picks one by the tensors' device; callers never branch):
 
-* ``default`` (any device, plain PyTorch, in this module): per-sample gradients by ``bmm`` over
-  chunks of samples (at most ``chunk_elems`` per-sample entries alive at once), or, for short
-  sequences, the token-pair form (one GEMM, no per-sample gradient in memory). Products of the
+* ``default`` (any device, plain PyTorch, in this module), in the cheaper of two exact forms by a
+  cost model over (T, the samples' lengths, ``choose_form``): the per-sample form, one GEMM per
+  sample over its own tokens into a reused OUT x IN buffer, squared into ``acc`` in place with
+  ``addcmul_`` (on devices other than the CPU, where lengths stay on the device: ``bmm`` over
+  chunks of at most ``chunk_elems`` per-sample entries, padding masked); or, for short sequences,
+  the token-pair form (one GEMM over token pairs, no per-sample gradient in memory). Products of the
   inputs are formed in the accumulator's dtype (bf16 / fp16 inputs are upcast exactly), so fp32
   inputs and the Triton kernel's fp32-accumulated dot agree to fp32 rounding. Padded tokens
   (``t >= lengths[b]``) are masked out with ``torch.where``, so NaN / inf there never reach ``acc``.
@@ -49,9 +52,10 @@ SCHEMA = (
 
 INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # with a float32 acc
 LENGTH_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
-# Short sequences use the token-pair form when a sample has at most this many more token pairs
-# (t < t') than tokens: then one GEMM over pairs is cheaper than forming per-sample gradients.
-GRAM_EXTRA_PAIRS = 32
+# The cost model's price of squaring one sample's gradient into acc (acc.addcmul_), in OUT x IN
+# multiply-adds: measured on MiniLM's layers (384x384, 1536x384), batch 32, CPU, by the T where the
+# token-pair form and the per-sample form take equal time (T = 4-5: 2 * 10 or 15 = 2 * 4.5 + 12).
+ADDCMUL_COST = 12
 
 
 def _shape(t) -> tuple:
@@ -131,28 +135,59 @@ def linear_fisher_default_(acc: Tensor, x: Tensor, g: Tensor, lengths: Tensor | 
     if acc.numel() == 0 or batch == 0 or seq == 0:
         return acc
     dt = acc.dtype
-    # Lengths on the host (CPU tensors: free) let each chunk stop at its longest sample; on another
+    # Lengths on the host (CPU tensors: free) let each sample stop at its own length; on another
     # device the full T is used, masked, so that no call syncs.
     host = None
-    if lengths is not None and lengths.device.type == "cpu":
-        host = [min(max(int(v), 0), seq) for v in lengths.tolist()]
+    if x.device.type == "cpu":
+        host = [seq] * batch if lengths is None else [min(max(int(v), 0), seq) for v in lengths.tolist()]
     t_eff = max(host) if host is not None else seq
     if t_eff == 0:
         return acc
-    if t_eff * (t_eff - 1) // 2 <= GRAM_EXTRA_PAIRS:
+    form = choose_form(t_eff, host if host is not None else [seq] * batch)
+    if form == "pairs":
         _pairs_form(acc, x[:, :t_eff], g[:, :t_eff], lengths, dt, chunk_elems)
-        return acc
-    for s, e in _chunks(batch, out_features * in_features, chunk_elems):
-        tc = max(host[s:e]) if host is not None else seq
-        if tc == 0:
+    elif form == "per_sample" and host is not None:
+        _per_sample_host(acc, x, g, host, dt)
+    else:
+        _per_sample_chunks(acc, x, g, lengths, dt, chunk_elems)
+    return acc
+
+
+FORMS = ("pairs", "per_sample", "chunks")  # "chunks": the per-sample form with lengths on the device
+
+
+def choose_form(t_max: int, sample_lengths) -> str:
+    """The default kernel's form ("pairs" or "per_sample") by a cost model in units of OUT x IN multiply-adds: the token-pair
+    form costs 2 per pair (t <= t' < t_max) per sample; the per-sample form 2 per token plus
+    ADDCMUL_COST per sample (the in-place square-and-add pass over its gradient, memory-bound)."""
+    pairs = len(sample_lengths) * t_max * (t_max + 1)
+    per_sample = sum(2 * n + ADDCMUL_COST for n in sample_lengths if n > 0)
+    return "pairs" if pairs <= per_sample else "per_sample"
+
+
+def _per_sample_host(acc: Tensor, x: Tensor, g: Tensor, lengths: list[int], dt) -> None:
+    """One GEMM per sample over its own tokens into a reused buffer, squared into acc in place
+    (no per-sample gradient batch, no strided reduction over samples)."""
+    buf = torch.empty_like(acc)
+    for b, n in enumerate(lengths):
+        if n == 0:
             continue
-        xs, gs = x[s:e, :tc].to(dt), g[s:e, :tc].to(dt)
+        torch.mm(g[b, :n].t().to(dt), x[b, :n].to(dt), out=buf)
+        acc.addcmul_(buf, buf)
+
+
+def _per_sample_chunks(acc: Tensor, x: Tensor, g: Tensor, lengths: Tensor | None, dt, chunk_elems: int) -> None:
+    """Per-sample gradients by bmm over chunks of samples (lengths on the device: padding masked,
+    no sync), each squared into acc in place."""
+    batch, seq, _ = x.shape
+    for s, e in _chunks(batch, acc.numel(), chunk_elems):
+        xs, gs = x[s:e].to(dt), g[s:e].to(dt)
         if lengths is not None:
-            keep = (torch.arange(tc, device=x.device)[None, :] < lengths[s:e, None])[..., None]
+            keep = (torch.arange(seq, device=x.device)[None, :] < lengths[s:e, None])[..., None]
             xs, gs = torch.where(keep, xs, 0), torch.where(keep, gs, 0)
         grad = torch.bmm(gs.transpose(1, 2), xs)  # (c, OUT, IN)
-        acc.add_(grad.square_().sum(0))
-    return acc
+        for n in range(grad.shape[0]):
+            acc.addcmul_(grad[n], grad[n])
 
 
 def _pairs_form(acc: Tensor, x: Tensor, g: Tensor, lengths: Tensor | None, dt, chunk_elems: int) -> None:
