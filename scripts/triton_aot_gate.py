@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Ahead-of-time compile gate for fishkern's Triton kernels: no GPU, no CUDA torch needed.
 
-fishkern's real host code (the MaskedAdamW / MaskedSGD step path, the launcher of the Triton kernel
-of ``fishkern::linear_fisher_acc_``) is driven on CPU tensors with ``JITFunction.run`` replaced: instead of
+fishkern's real host code (the MaskedAdamW / MaskedSGD step path, the launchers of the Triton kernels
+of ``fishkern::linear_fisher_acc_`` and ``fishkern::conv2d_fisher_acc_``) is driven on CPU tensors with ``JITFunction.run`` replaced: instead of
 launching, it runs Triton's own argument binder, so each launch yields exactly the specialisation a
 GPU launch with those arguments would get (pointer dtypes, 16-byte alignment, ints equal to 1 or
 divisible by 16, constexprs, num_warps). Each distinct specialisation is then compiled with
@@ -29,7 +29,10 @@ amsgrad without master weights and fp32 with amsgrad / free_dense_grads, maximiz
 hyperparameters, SGD without momentum or Nesterov, and the staggered-step / mixed-dtype runs
 (``block_base`` equal to 1 or not divisible by 16); for the Fisher kernel: 32-wide tiles, the tile
 sweep in bf16 / fp16, fp32 with lengths on the BERT shapes, int32 lengths, B = 1, T = 1, the
-FFN-out, vocabulary-sized and sliced (unaligned) inputs.
+FFN-out, vocabulary-sized and sliced (unaligned) inputs; for the conv Fisher kernel it keeps two
+ResNet-34 3x3 layers and a depthwise layer in fp32 and bf16, the tile sweep with 16- and 64-wide
+output tiles in fp32 and the split path in fp32 and fp16, and leaves out the other ResNet-34 layers
+(stem, 1x1, 8 and 4 px), the grouped, channels_last and sliced inputs, and fp16 outside the splits.
 ``--no-compile`` only drives the host code, binds and checks coverage (seconds, no ptxas).
 """
 from __future__ import annotations
@@ -466,7 +469,65 @@ def drive_fisher(rec: Recorder, quick: bool) -> None:
         run("split", *odd, dtype, torch.int64, 3)
 
 
-DRIVERS = {"optim": drive_optimizers, "fisher": drive_fisher}
+def drive_conv_fisher(rec: Recorder, quick: bool) -> None:
+    """The Conv2d Fisher kernel through its launcher ``conv2d_fisher_triton_`` (the op's CUDA kernel:
+    validation, tile choice, split choice, launch) and through ``_launch`` with several splits. The
+    shapes are ResNet-34's layers at batch 4 (stem 7x7/2, 3x3 at 32..4 px, strided 3x3, 1x1
+    downsample), a depthwise and a grouped layer, channels_last and sliced (unaligned) inputs, and a
+    sweep of small odd layers that reaches every tile config (BLOCK_O, BLOCK_I 16 / 32 / 64,
+    BLOCK_T 16 / 32)."""
+    import torch
+
+    from fishkern.ops import conv_fisher as cf
+    from fishkern.ops import conv_fisher_triton as cft
+
+    cf.triton_usable_on = lambda device: True
+
+    def run(name, b, cin, hw, cout, k, stride, padding, dtype, groups=1, splits=1, layout=""):
+        rec.start_case(f"conv fisher {str(dtype)[6:]} B={b} Cin={cin} HW={hw} Cout={cout} k={k} s={stride} "
+                       f"p={padding} groups={groups} splits={splits}" + (f" {layout}" if layout else "")
+                       + (f" ({name})" if name else ""))
+        pad = 3 if layout == "sliced" else 0  # a view 3 elements in: pointers not 16-byte aligned
+        x = torch.zeros(b, cin, hw, hw + pad, dtype=dtype)[..., pad:]
+        ho = (hw + 2 * padding - k) // stride + 1
+        g = torch.zeros(b, cout, ho, ho + pad, dtype=dtype)[..., pad:]
+        if layout == "channels_last":
+            x, g = x.contiguous(memory_format=torch.channels_last), g.contiguous(memory_format=torch.channels_last)
+        acc = torch.zeros(cout, cin // groups, k, k)
+        geo = ((stride, stride), (padding, padding), (1, 1), groups)
+        if splits == 1:
+            cf.conv2d_fisher_triton_(acc, x, g, *geo)
+        else:
+            cft._launch(acc, x, g, *geo, splits=splits)
+
+    resnet = [("stem", 4, 3, 32, 64, 7, 2, 3), ("3x3 32px", 4, 64, 32, 64, 3, 1, 1),
+              ("3x3/2", 4, 64, 32, 128, 3, 2, 1), ("1x1/2", 4, 64, 32, 128, 1, 2, 0),
+              ("3x3 8px", 4, 256, 8, 256, 3, 1, 1), ("3x3 4px", 4, 512, 4, 512, 3, 1, 1)]
+    half = [torch.bfloat16] if quick else [torch.bfloat16, torch.float16]
+    for dtype in [torch.float32, *half]:
+        for name, *shape in (resnet[1:3] if quick else resnet):
+            run(name, *shape, dtype)
+        run("depthwise", 4, 32, 8, 32, 3, 1, 1, dtype, groups=32)
+        if quick:
+            continue
+        run("grouped", 4, 64, 8, 128, 3, 1, 1, dtype, groups=4)
+        run("", *resnet[1][1:], dtype, layout="channels_last")
+        run("", 3, 5, 9, 7, 3, 1, 1, dtype, layout="sliced")
+    # tile configs: OUT per group 16 / 32 / 64 (or 3 less), Cin * 9 columns near 16 / 32 / 64,
+    # 3x3 (9 positions, BLOCK_T 16) and 6x6 (36, BLOCK_T 32) outputs
+    blocks = [16, 64] if quick else [16, 32, 64]
+    for dtype in [torch.float32] if quick else [torch.float32, *half]:
+        for bo in blocks:
+            for cin in (2, 3, 7):  # 18, 27, 63 columns: BLOCK_I 32 / 32 / 64, and 16 for 1x1 below
+                for hw in (3, 6):
+                    run("tiles", 3, cin, hw, bo - 3, 3, 1, 1, dtype)
+            run("tiles", 3, 16, 6, bo, 1, 1, 0, dtype)
+    for dtype in [torch.float32, torch.float16] if quick else [torch.float32, *half]:
+        run("split", 5, 3, 6, 7, 3, 1, 1, dtype, splits=3)
+        run("split", *resnet[-1][1:], dtype, splits=2)
+
+
+DRIVERS = {"optim": drive_optimizers, "fisher": drive_fisher, "conv_fisher": drive_conv_fisher}
 
 
 # ----------------------------------------------------------------------------------- compile
