@@ -118,7 +118,9 @@ def test_the_check_still_catches_a_time_major_model(loop_calls):
 def test_disagreement_names_the_parameter_and_syncs_once(monkeypatch):
     ref = {"a": torch.ones(3), "b": torch.full((2,), 4.0), "c": torch.zeros(0)}
     params = [(n, nn.Parameter(torch.zeros_like(v))) for n, v in ref.items()]
-    assert estimator._disagreement(dict(ref), ref, params) is None
+    same = {k: v.clone() for k, v in ref.items()}
+    assert estimator._disagreement(same, ref, params) is None
+    assert torch.equal(ref["b"], torch.full((2,), 4.0))  # ref is read, got (the check's own acc) overwritten
     got = {"a": torch.ones(3), "b": torch.tensor([4.0, 4.4]), "c": torch.zeros(0)}
     syncs = []
     real_tolist = torch.Tensor.tolist
