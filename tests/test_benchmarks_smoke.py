@@ -114,6 +114,71 @@ def test_bench_fisher_entry_point(bench):
     assert memory.ENTRY == BENCH / "bench_fisher.py" and memory.ENTRY.is_file()
     assert "from fisher.cli import main" in memory.ENTRY.read_text()
     args = bench["cli"].parse_args(["--quick", "--device", "cpu"])
-    assert args.skip_memory and args.reps == 2 and args.slow_reps == 1 and args.workloads == ["minilm-vader", "minilm-synth-t64"]
+    assert args.skip_memory and args.reps == 2 and args.slow_reps == 1
+    assert args.workloads == ["minilm-vader", "minilm-synth-t64", "minilm-synth-t128", "resnet34-cifar"]
     with pytest.raises(SystemExit):
         bench["cli"].parse_args(["--reps", "0"])
+
+
+def test_workload_configs_and_goals(bench):
+    """Every entry is complete and its goals name ratios the report computes; verdicts follow the
+    comparison, say when N differs from the goal's, and a missing ratio is 'not measured'."""
+    from fisher import configs, goals, methods
+
+    known = {key for _a, _b, key in methods.RATIOS} | {"self-check overhead", "memory fishkern/floor"}
+    for name, cfg in configs.CONFIGS.items():
+        assert cfg.name == name and cfg.n >= cfg.quick_n >= 1 and cfg.batch >= 1 and "{n}" in cfg.title
+        assert set(cfg.subsets_cpu) | set(cfg.subsets_cuda) <= set(bench["workloads"].SUBSET_METHODS)
+        for g in cfg.goals:
+            assert g.ratio in known and g.op in goals.OPS, (name, g)
+    g = (configs.Goal("loop/fishkern", ">=", 5, at_n=256), configs.Goal("fishkern/floor", "<=", 1.5),
+         configs.Goal("self-check overhead", "<=", 0.1))
+    v = goals.evaluate(g, {"loop/fishkern": 6.0, "loop/fishkern (min)": 7.0, "fishkern/floor": 1.6}, n=64)
+    assert [x["verdict"] for x in v] == ["MET", "NOT MET", "not measured"]
+    assert v[0]["value_min"] == 7.0 and "N=256" in v[0]["note"] and v[1]["note"] == ""
+    w = {"workload": "w", "ratios": {"fishkern/fishkern-nocheck": 1.25, "fishkern/fishkern-nocheck (min)": 1.125},
+         "methods": {}}
+    rows = [{"workload": "w", "method": "fishkern", "peak_growth_bytes": 300},
+            {"workload": "w", "method": "floor", "peak_growth_bytes": 200},
+            {"workload": "other", "method": "floor", "peak_growth_bytes": 1}]
+    d = goals.derived_ratios(w, rows)
+    assert d == {"self-check overhead": 0.25, "self-check overhead (min)": 0.125, "memory fishkern/floor": 1.5}
+    md = "\n".join(bench["render"].goals_lines(goals.evaluate(g[2:], d, n=5)))
+    assert "| self-check overhead <= 10% | 25% | 12% | **NOT MET** |" in md
+
+
+def test_backpack_not_importable_is_reported_not_run(bench, monkeypatch):
+    """Where BackPACK cannot run, its row says why and the other methods go on."""
+    from fishkern.models import cifar_resnet
+
+    wls, timing, methods, cli = bench["workloads"], bench["timing"], bench["methods"], bench["cli"]
+    monkeypatch.setattr(methods, "backpack_available", lambda: "backpack-for-pytorch not importable (test)")
+    monkeypatch.setattr(timing, "probe", lambda cpu: {"loadavg": None})
+    model = cifar_resnet(blocks=(1,), widths=(4,), num_classes=3).eval()
+    batches = [(torch.randn(2, 3, 8, 8), torch.randint(0, 3, (2,)))]
+    wl = wls.Workload("tiny", "tiny", "tiny", hf=False, synthetic=True, n=2, batch_size=2, model=model,
+                      batches=batches, vmap_chunk=2, loop_n=2, vmap_n=2, data_stats={"params": 1})
+    args = cli.parse_args(["--device", "cpu", "--reps", "1", "--slow-reps", "1", "--skip-memory", "--no-profile"])
+    w = timing.bench_workload(wl, args, torch.device("cpu"), ["backpack", "floor"], bench["Quiet"](0, 0, 0))
+    assert w["methods"]["backpack"]["error"] == "not run: backpack-for-pytorch not importable (test)"
+    assert not w["methods"]["backpack"]["calls"] and len(w["methods"]["floor"]["calls"]) == 1
+
+
+def test_backpack_scores_match_fishkern_where_installed(bench, monkeypatch):
+    """Where backpack-for-pytorch is installed (it is not a dependency), its SumGradSquared with a
+    sum-reduced loss is the same Fisher as fishkern's on a tiny conv + BatchNorm (eval) model."""
+    pytest.importorskip("backpack")
+    from fishkern.models import cifar_resnet
+
+    wls, methods = bench["workloads"], bench["methods"]
+    torch.manual_seed(0)
+    model = cifar_resnet(blocks=(1,), widths=(4,), num_classes=3).eval()
+    batches = [(torch.randn(3, 3, 8, 8), torch.randint(0, 3, (3,))) for _ in range(2)]
+    wl = wls.Workload("tiny", "tiny", "tiny", hf=False, synthetic=True, n=5, batch_size=3, model=model,
+                      batches=batches, vmap_chunk=2, loop_n=5, vmap_n=5, data_stats={"params": 1})
+    methods.prepare("backpack", wl)
+    got, info = methods.run_backpack(wl, 5)
+    ref, _ = methods.run_fishkern(wl, 5, "auto")
+    assert set(got) == set(ref)
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-4, atol=1e-6 * float(ref[k].max()))

@@ -27,6 +27,7 @@ from _common import (
     write_text,
 )
 
+from .goals import derived_ratios, evaluate
 from .load import Quiet, probe
 from .memory import memory_child, run_memory_cpu
 from .methods import DEFAULT_METHODS, METHODS, has_self_check
@@ -35,12 +36,12 @@ from .render import render
 from .timing import bench_workload
 from .workloads import ALL_WORKLOADS, CPU_WORKLOADS, CUDA_WORKLOADS, build_workload, quiet_transformers
 
-DESCRIPTION = ("Fisher-estimation benchmark: time and peak memory of four ways to compute the diagonal empirical\n"
+DESCRIPTION = ("Fisher-estimation benchmark: time and peak memory of five ways to compute the diagonal empirical\n"
                "Fisher F = sum_n (d loss_n / d theta)^2 over the same N samples, side by side in one run.")
-SETTINGS = ("quick", "workloads", "methods", "n", "reps", "slow_reps", "loop_samples", "vmap_samples", "vmap_chunk",
+SETTINGS = ("quick", "workloads", "methods", "n", "reps", "slow_reps", "loop_samples", "vmap_samples", "backpack_samples",
+            "vmap_chunk",
             "vmap_oom_retries", "vmap_attn", "fishkern_impl", "skip_memory", "memory_repeats", "retries", "quiet_wait",
             "quiet_budget")
-CPU_GOAL = 8  # fishkern at least this many times faster than the loop on MiniLM, N=256 real text
 
 
 def parse_args(argv=None):
@@ -52,10 +53,13 @@ def parse_args(argv=None):
                     help="fishkern-nocheck: estimate_fisher(self_check=False), where this fishkern has the option")
     ap.add_argument("--n", type=int, default=None, help="samples per workload (default: per workload, see the docstring)")
     ap.add_argument("--reps", type=int, default=None, help="timed calls of fishkern and the floor (default 5, quick 2)")
-    ap.add_argument("--slow-reps", type=int, default=None, help="timed calls of the loop and vmap (default 2, quick 1)")
+    ap.add_argument("--slow-reps", type=int, default=None, help="timed calls of the loop, vmap and BackPACK (default 2, quick 1)")
     ap.add_argument("--loop-samples", type=int, default=None,
-                    help="run the loop on the first this-many samples and extrapolate its time to N (default: 128 on CUDA, all on CPU)")
-    ap.add_argument("--vmap-samples", type=int, default=None, help="the same for vmap (default: all)")
+                    help="run the loop on the first this-many samples and extrapolate its time to N "
+                    "(default: the workload's subset, configs.py; 128 on CUDA)")
+    ap.add_argument("--vmap-samples", type=int, default=None, help="the same for vmap (default: the workload's subset)")
+    ap.add_argument("--backpack-samples", type=int, default=None,
+                    help="the same for BackPACK's SumGradSquared (default: the workload's subset, else all)")
     ap.add_argument("--vmap-chunk", type=int, default=None, help="samples per vmap call (default: 8 for MiniLM on CPU, 32 for BERT-large on CUDA, 128 for ResNet on CUDA)")
     ap.add_argument("--vmap-oom-retries", type=int, default=2, help="on OOM, halve the vmap chunk up to this many times")
     ap.add_argument("--vmap-attn", default="eager", help="attention implementation of HF models under vmap (eager or sdpa)")
@@ -65,7 +69,7 @@ def parse_args(argv=None):
                     help="in the CPU memory processes, call fishkern and the floor this many more times and record the RSS "
                          "and live tensors after each call (leak vs allocator retention; 0: skip)")
     ap.add_argument("--no-profile", dest="profile", action="store_false", help="skip the profile of one fishkern call")
-    ap.add_argument("--quick", action="store_true", help="MiniLM N=64 (synthetic row N=16), fewer calls, no memory subprocesses")
+    ap.add_argument("--quick", action="store_true", help="each workload's quick_n samples (configs.py), fewer calls, no memory subprocesses")
     ap.add_argument("--retries", type=int, default=None, help="re-run a call disturbed by other processes up to this many times "
                     "(default 2, quick 0)")
     ap.add_argument("--quiet-wait", type=float, default=None, help="before each call, wait up to this many seconds for other "
@@ -93,20 +97,11 @@ def parse_args(argv=None):
         args.skip_memory = True
     if args.memory_repeats < 0:
         ap.error("--memory-repeats must be >= 0")
-    for k in ("n", "reps", "slow_reps", "loop_samples", "vmap_samples", "vmap_chunk"):
+    for k in ("n", "reps", "slow_reps", "loop_samples", "vmap_samples", "backpack_samples", "vmap_chunk"):
         v = getattr(args, k)
         if v is not None and v < 1:
             ap.error(f"--{k.replace('_', '-')} must be >= 1")
     return args
-
-
-def cpu_goal(w: dict[str, Any], n: int) -> str:
-    r = w["ratios"]["loop/fishkern"]
-    goal = (f"**CPU goal (fishkern ≥ {CPU_GOAL}× faster than the loop on MiniLM, N=256 real tokenized text): "
-            f"{'MET' if r >= CPU_GOAL else 'NOT MET'}** — loop/fishkern = {r:.1f}× (median), {w['ratios']['loop/fishkern (min)']:.1f}× (min).")
-    if n != 256:
-        goal += f" (This run has N={n}, not the goal's 256.)"
-    return goal
 
 
 def main(argv=None) -> int:
@@ -150,8 +145,10 @@ def main(argv=None) -> int:
         wl = build_workload(name, args.n, args.quick, device, args)
         log(f"workload {wl.title}: {wl.data_stats['params']:,} parameters")
         w = bench_workload(wl, args, device, args.methods, quiet)
-        if name == "minilm-vader" and cpu and "loop/fishkern" in w["ratios"]:
-            w["goal"] = cpu_goal(w, wl.n)
+        w["ratios"].update(derived_ratios(w, report.get("memory_cpu", [])))
+        w["goals"] = evaluate(wl.config.goals, w["ratios"], wl.n) if wl.config else []
+        for verdict in w["goals"]:
+            log(f"  goal {verdict['label']}: {verdict['verdict']} ({verdict['value']})")
         if args.profile and "fishkern" in args.methods and (name == args.workloads[0]):
             log("profiling one fishkern call")
             try:

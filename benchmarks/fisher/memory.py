@@ -14,11 +14,11 @@ import torch
 
 from _common import fmt_bytes, log, proc_status_kib, reset_peak_rss, run_child
 
-from .methods import is_oom, measured_n, method_call, run_floor
+from .methods import NotRun, is_oom, measured_n, method_call, prepare, run_floor
 from .workloads import Workload, build_workload, quiet_transformers
 
 REPEAT_METHODS = ("fishkern", "fishkern-nocheck", "floor")  # the loop and vmap are too slow to repeat
-CHILD_ARGS = ("fishkern_impl", "vmap_attn", "vmap_chunk", "loop_samples", "vmap_samples")  # what a child needs of the CLI
+CHILD_ARGS = ("fishkern_impl", "vmap_attn", "vmap_chunk", "loop_samples", "vmap_samples", "backpack_samples")  # what a child needs of the CLI
 ENTRY = Path(__file__).resolve().parent.parent / "bench_fisher.py"  # the children run the benchmark's own script
 
 
@@ -47,6 +47,10 @@ def memory_child(spec: dict[str, Any]) -> dict[str, Any]:
     method = spec["method"]
     # common warm-up for every method: a 2-sample forward + backward pages in the code paths
     run_floor(wl, 2)
+    try:
+        prepare(method, wl)  # BackPACK's extended copy: built before the measured call
+    except NotRun as e:
+        return {"workload": wl.name, "method": method, "error": f"not run: {e}"}
     gc.collect()
     rss_build = proc_status_kib("VmRSS")
     hwm_build = proc_status_kib("VmHWM")

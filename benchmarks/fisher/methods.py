@@ -14,16 +14,26 @@ import torch.nn.functional as F
 from _common import synchronize
 from fishkern.fisher import estimate_fisher
 
+try:  # fishkern versions before the self-check cache have no such function
+    from fishkern.fisher import clear_self_check_cache
+except ImportError:
+    clear_self_check_cache = None
+
 from .workloads import Workload, inputs_labels, iter_samples, logits
 
-METHODS = ("fishkern", "fishkern-nocheck", "loop", "vmap", "floor")
+METHODS = ("fishkern", "fishkern-nocheck", "loop", "vmap", "backpack", "floor")
 DEFAULT_METHODS = METHODS
-SLOW_METHODS = ("loop", "vmap")  # timed --slow-reps times, maybe on a subset
-CHECKED_METHODS = ("vmap", "loop")  # their scores are compared with fishkern's
+SLOW_METHODS = ("loop", "vmap", "backpack")  # timed --slow-reps times, maybe on a subset
+CHECKED_METHODS = ("vmap", "loop", "backpack")  # their scores are compared with fishkern's
 LOOP_WARM_SAMPLES = 4
 # the ratios a report gives: (numerator method, denominator method, name)
-RATIOS = (("loop", "fishkern", "loop/fishkern"), ("vmap", "fishkern", "vmap/fishkern"), ("fishkern", "floor", "fishkern/floor"),
+RATIOS = (("loop", "fishkern", "loop/fishkern"), ("vmap", "fishkern", "vmap/fishkern"),
+          ("backpack", "fishkern", "backpack/fishkern"), ("fishkern", "floor", "fishkern/floor"),
           ("loop", "fishkern-nocheck", "loop/fishkern-nocheck"), ("fishkern", "fishkern-nocheck", "fishkern/fishkern-nocheck"))
+
+
+class NotRun(Exception):
+    """A method that cannot run on this workload or machine (the report says why, the run goes on)."""
 
 
 def has_self_check() -> bool:
@@ -31,7 +41,12 @@ def has_self_check() -> bool:
 
 
 def run_fishkern(wl: Workload, n: int, impl: str, self_check: bool | None = None):
+    """estimate_fisher as a user calls it. The self-check runs once per model structure per process
+    and is then cached; the cache is cleared before every call, so each timed call pays for the
+    check as a process's first pass does (``fishkern-nocheck`` passes ``self_check=False``)."""
     kw = {} if self_check is None else {"self_check": self_check}
+    if clear_self_check_cache is not None:
+        clear_self_check_cache()
     res = estimate_fisher(wl.model, wl.batches, n, implementation=impl, progress=False, **kw)
     return res.scores, {"implementation": res.implementation, "fallback_reason": res.fallback_reason,
                         "generic_modules": res.generic_modules}
@@ -118,6 +133,133 @@ def run_vmap(wl: Workload, n: int, chunk: int, attn: str):
     return acc, {"chunk": chunk, "attention": used_attn}
 
 
+# BackPACK: its SumGradSquared extension, on a deep copy of the model (its hooks store every
+# module's input and output, which must not slow down or enlarge the other methods). The loss is
+# reduction="sum" over the batch, so SumGradSquared is exactly sum_n (grad of loss_n)^2, the
+# fishkern / loop Fisher; with "mean" it would be that times 1/B^2.
+BACKPACK_LOSS_SCALE = 1.0  # sum reduction: no rescaling
+
+
+def backpack_available() -> str | None:
+    """None when BackPACK can be imported, else the reason it cannot."""
+    try:
+        import backpack  # noqa: F401
+        from backpack.extensions import SumGradSquared  # noqa: F401
+    except Exception as e:  # noqa: BLE001  not installed, or broken against this torch
+        return f"backpack-for-pytorch not importable ({type(e).__name__}: {str(e)[:80]})"
+    return None
+
+
+def _short(e: BaseException, limit: int = 120) -> str:
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {msg[:limit]}"
+
+
+def backpack_model(wl: Workload):
+    """BackPACK's extended copy of the model, built once per workload: first
+    ``extend(copy, use_converter=True)`` (turns residual adds into modules BackPACK knows); where
+    that fails, ``extend(copy)`` module by module (first-order extensions such as SumGradSquared
+    only need the modules holding parameters to be supported). Returns (extended model, parameter
+    names of the original in the extended model's parameter order, how it was extended). Raises
+    NotRun with a short reason."""
+    if "backpack" in wl.cache:
+        cached = wl.cache["backpack"]
+        if isinstance(cached, NotRun):
+            raise cached
+        return cached
+    try:
+        wl.cache["backpack"] = _build_backpack_model(wl)
+    except NotRun as e:
+        wl.cache["backpack"] = e
+        raise
+    return wl.cache["backpack"]
+
+
+def _build_backpack_model(wl: Workload):
+    import copy
+    import warnings
+
+    why = backpack_available()
+    if why:
+        raise NotRun(why)
+    from backpack import extend
+
+    names = [k for k, p in wl.model.named_parameters() if p.requires_grad]
+    shapes = [p.shape for p in wl.model.parameters() if p.requires_grad]
+    how, converter_error = "converter", None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            ext = extend(copy.deepcopy(wl.model), use_converter=True)
+            if [p.shape for p in ext.parameters() if p.requires_grad] != shapes:
+                raise RuntimeError("the converted model's parameters differ from the original's")
+        except Exception as e:  # noqa: BLE001  the converter traces with torch.fx, which many models refuse
+            converter_error = _short(e, 80)
+            how = "per module (converter: " + converter_error + ")"
+            try:
+                ext = extend(copy.deepcopy(wl.model))
+            except Exception as e2:  # noqa: BLE001
+                raise NotRun(f"extend failed: {_short(e2)}") from None
+    ext.eval()
+    return ext, names, how
+
+
+def backpack_failure(e: BaseException) -> str:
+    """Why BackPACK failed on a model, in a line (the known case explained)."""
+    if "child module 'output'" in str(e):
+        return ("BackPACK stores each module's output as the attribute `module.output`, which collides with "
+                "the submodules named `output` of Hugging Face BERT layers (BertOutput, BertSelfOutput)")
+    return f"BackPACK failed on this model: {_short(e)}"
+
+
+def run_backpack(wl: Workload, n: int):
+    """BackPACK's SumGradSquared over the samples, batch by batch, summed."""
+    import warnings
+
+    from backpack import backpack as bp_context
+    from backpack.extensions import SumGradSquared
+
+    model, names, how = backpack_model(wl)
+    params = [p for p in model.parameters() if p.requires_grad]
+    acc = {k: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for k, p in zip(names, params)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "no extension for <container> although it has parameters", full-hook notes
+        for b in iter_samples(wl.batches, n):
+            model.zero_grad()
+            inputs, labels = inputs_labels(wl, b)
+            try:
+                with bp_context(SumGradSquared()):
+                    out = model(**inputs) if wl.hf else model(inputs)
+                    F.cross_entropy(logits(out).float(), labels, reduction="sum").backward()
+            except Exception as e:  # noqa: BLE001  BackPACK refuses or breaks on this model
+                model.zero_grad()
+                raise NotRun(backpack_failure(e)) from None
+            missing = []
+            for k, p in zip(names, params):
+                sgs = getattr(p, "sum_grad_squared", None)
+                if sgs is None:
+                    missing.append(k)
+                    continue
+                acc[k].add_(sgs, alpha=BACKPACK_LOSS_SCALE)
+                del p.sum_grad_squared
+            if missing:
+                owners = sorted({type(m).__name__ for m in model.modules()
+                                 if any(p is q for p in m.parameters(recurse=False) for q in params
+                                        if getattr(q, "sum_grad_squared", None) is None)})
+                model.zero_grad()
+                raise NotRun(f"no SumGradSquared for {len(missing)} of {len(names)} parameters "
+                             f"(modules {', '.join(owners[:4])}{'…' if len(owners) > 4 else ''})")
+    model.zero_grad()
+    synchronize(params[0].device)
+    return acc, {"extend": how}
+
+
+def prepare(method: str, wl: Workload) -> None:
+    """What a method builds once per workload, outside its timed and measured calls."""
+    if method == "backpack":
+        backpack_model(wl)
+
+
 def is_oom(e: BaseException) -> bool:
     s = str(e).lower()
     return isinstance(e, torch.OutOfMemoryError) or "out of memory" in s or "can't allocate memory" in s
@@ -133,13 +275,15 @@ def method_call(method: str, wl: Workload, n: int, args, chunk: int | None = Non
         return run_loop(wl, n)
     if method == "vmap":
         return run_vmap(wl, n, chunk or wl.vmap_chunk, args.vmap_attn)
+    if method == "backpack":
+        return run_backpack(wl, n)
     if method == "floor":
         return run_floor(wl, n)
     raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
 
 
 def measured_n(method: str, wl: Workload) -> int:
-    return wl.loop_n if method == "loop" else wl.vmap_n if method == "vmap" else wl.n
+    return {"loop": wl.loop_n, "vmap": wl.vmap_n, "backpack": wl.backpack_n}.get(method, wl.n)
 
 
 def warm_n(method: str, wl: Workload, chunk: int) -> int:

@@ -5,7 +5,7 @@ from typing import Any
 
 from _common import fmt_bytes, md_table
 
-from .methods import RATIOS
+from .methods import CHECKED_METHODS, RATIOS
 
 
 def fmt_s(s) -> str:
@@ -27,6 +27,7 @@ METHOD_LABEL = {
     "fishkern-nocheck": "… same, `self_check=False`",
     "loop": "loop (batch size 1, original)",
     "vmap": "torch.func vmap(grad)",
+    "backpack": "BackPACK SumGradSquared",
     "floor": "floor: batched fwd+bwd",
 }
 
@@ -45,7 +46,7 @@ def render(report: dict[str, Any]) -> str:
         f"- command: `{report['command']}`",
         f"- timestamp: {report['timestamp']}; total wall {report.get('total_wall_s', 0):.0f} s",
         f"- timing: {report['timing_method']}; each method warmed up once on a small N, then {s['reps']} timed calls "
-        f"(fishkern, floor) or {s['slow_reps']} (loop, vmap), methods interleaved; the table shows the median of the "
+        f"(fishkern, floor) or {s['slow_reps']} (loop, vmap, BackPACK), methods interleaved; the table shows the median of the "
         "undisturbed calls (all calls in the JSON). Ratios use times for the full N.",
         "- Fisher: empirical (true labels), fp32 scores, model in eval mode; every method sees the same batches, "
         "already on the device. vmap: per-sample gradients of all parameters materialised per chunk, squared and summed "
@@ -105,10 +106,25 @@ def workload_section(w: dict[str, Any], report: dict[str, Any], cuda: bool) -> l
             parts.append(f"**{key} = {fmt_x(rt[key])}** (min-based {fmt_x(rt[key + ' (min)'])})")
     if parts:
         lines += ["Ratios: " + ", ".join(parts) + ".", ""]
-    if w.get("goal"):
-        lines += [w["goal"], ""]
+    lines += goals_lines(w.get("goals") or [])
     lines += interference_table(w)
     return lines
+
+
+def goals_lines(goals: list[dict[str, Any]]) -> list[str]:
+    """The issue's goals for this workload and whether this run meets them."""
+    if not goals:
+        return []
+    rows = []
+    for g in goals:
+        def val(v):
+            if v is None:
+                return "n/a"
+            return f"{100 * v:.0f}%" if g["ratio"] == "self-check overhead" else fmt_x(v)
+        shown_threshold = f"{100 * g['threshold']:.0f}%" if g["ratio"] == "self-check overhead" else f"{g['threshold']:g}×"
+        rows.append([g["label"], f"{g['ratio']} {g['op']} {shown_threshold}", val(g["value"]), val(g.get("value_min")),
+                     f"**{g['verdict']}**" + (f" ({g['note']})" if g.get("note") else "")])
+    return ["Goals (issue 15):", "", md_table(["goal", "test", "measured (median)", "min-based", "verdict"], rows), ""]
 
 
 def methods_table(w: dict[str, Any], mem_rows: dict[str, Any], cuda: bool) -> str:
@@ -140,7 +156,7 @@ def methods_table(w: dict[str, Any], mem_rows: dict[str, Any], cuda: bool) -> st
             mem_s = "not measured" if mr is None else (mr.get("error") or fmt_bytes(mr.get("peak_growth_bytes")))
             ret_s = "not measured" if mr is None or mr.get("retained_after_return_bytes") is None else fmt_bytes(mr["retained_after_return_bytes"])
         chk = w["checks"].get(m)
-        chk_s = "—" if m not in ("loop", "vmap") else ("n/a" if chk is None else f"{chk['max_rel_error']:.1e}")
+        chk_s = "—" if m not in CHECKED_METHODS else ("n/a" if chk is None else f"{chk['max_rel_error']:.1e}")
         vs = (r["time_for_n_s"] / fk["time_for_n_s"]) if fk.get("time_for_n_s") and r.get("time_for_n_s") else None
         rows.append([
             label,

@@ -13,7 +13,8 @@ import torch
 from _common import fmt_bytes, free_memory, log, synchronize
 
 from .load import Quiet, one_call, probe
-from .methods import CHECKED_METHODS, RATIOS, SLOW_METHODS, is_oom, measured_n, method_call, rel_error, run_fishkern, warm_n
+from .methods import (CHECKED_METHODS, RATIOS, SLOW_METHODS, NotRun, is_oom, measured_n, method_call, prepare, rel_error,
+                      run_fishkern, warm_n)
 from .workloads import Workload
 
 
@@ -26,6 +27,12 @@ def bench_workload(wl: Workload, args, device: torch.device, methods: list[str],
     }
     res: dict[str, dict[str, Any]] = {m: {"method": m, "n_measured": measured_n(m, wl), "calls": [], "all_attempts": []} for m in methods}
     for m in methods:
+        try:
+            prepare(m, wl)  # built once, outside the timed calls (BackPACK's extended copy)
+        except NotRun as e:
+            res[m]["error"] = f"not run: {e}"
+            log(f"  {wl.name} {m}: {res[m]['error']}")
+            continue
         warm_up(res[m], m, wl, args, device)
     if not cpu and not args.skip_memory:
         for m in methods:
@@ -56,6 +63,8 @@ def warm_up(r: dict[str, Any], m: str, wl: Workload, args, device: torch.device)
         try:
             method_call(m, wl, wn if m != "vmap" else min(wl.vmap_n, c), args, c)
             synchronize(device)
+        except NotRun as e:
+            failure = ("error", f"not run: {e}")
         except Exception as e:  # noqa: BLE001
             failure = ("oom" if is_oom(e) else "error", f"{type(e).__name__}: {e}")
         free_memory()  # outside the except block: the traceback no longer holds the tensors
@@ -110,7 +119,7 @@ def cuda_memory(r: dict[str, Any], m: str, wl: Workload, args, device: torch.dev
 
 
 def timed_rounds(res: dict[str, dict[str, Any]], methods: list[str], wl: Workload, args, device: torch.device, quiet: Quiet):
-    """--reps (fast methods) or --slow-reps (loop, vmap) timed calls, the methods interleaved round
+    """--reps (fast methods) or --slow-reps (loop, vmap, backpack) timed calls, the methods interleaved round
     by round, probes of the machine around them. Returns (the last scores of fishkern, loop and
     vmap, on CPU; the last call's info per method)."""
     cpu = device.type == "cpu"

@@ -116,7 +116,7 @@ def _conv_fisher_kernel(
 
 
 def tile_config(out_per_group: int, cols: int, positions: int, block_o: int | None = None,
-                block_i: int | None = None, block_t: int | None = None) -> TileConfig:
+                block_i: int | None = None, block_t: int | None = None, half: bool = False) -> TileConfig:
     """Tiles and warps for a group of ``out_per_group`` output channels, ``cols`` = Cin_g * kh * kw
     im2col columns and ``positions`` = Ho * Wo output positions.
 
@@ -130,7 +130,12 @@ def tile_config(out_per_group: int, cols: int, positions: int, block_o: int | No
     bo = block_o or _block(out_per_group, 64)
     bi = block_i or _block(cols, 64)
     bt = block_t or (16 if positions <= 16 else 32)
-    return TileConfig(bo, bi, bt, _UNALIGNED_WARPS[(bo, bi)], 1)
+    warps = _UNALIGNED_WARPS[(bo, bi)]
+    if half and (bo, bi, bt) == (64, 64, 16):
+        # bf16 / fp16 64 x 64 tiles with BLOCK_T 16 (ResNet-34's 4 px layers): with 8 warps sm_80's
+        # ptxas caps the kernel at 64 registers and spills (24 B stores); 4 warps use 128, no spill
+        warps = 4
+    return TileConfig(bo, bi, bt, warps, 1)
 
 
 def _pair(v) -> tuple[int, int]:
@@ -169,7 +174,7 @@ def _launch(acc: Tensor, x: Tensor, g: Tensor, stride, padding, dilation, groups
     if batch == 0 or acc.numel() == 0 or positions == 0:
         return  # no sample, no weight, or no output position: every gradient is empty or zero
     out_g, cols = cout // groups, cin_g * kh * kw
-    config = tile_config(out_g, cols, positions, block_o, block_i, block_t)
+    config = tile_config(out_g, cols, positions, block_o, block_i, block_t, half=x.dtype != torch.float32)
     splits = max(1, min(splits, batch))
     # Any strides are read as they are (channels_last, sliced views). g's (Ho, Wo) is read as one
     # axis when its strides allow, which lets the compiler see runs of contiguous positions.
@@ -205,7 +210,7 @@ def launch(acc: Tensor, x: Tensor, g: Tensor, stride, padding, dilation, groups:
     padding). fp32 inputs are multiplied exactly (no TF32), bf16 / fp16 with fp32 accumulation;
     deterministic. B == 0, an empty acc or no output position: nothing is launched."""
     cout, cin_g, kh, kw = acc.shape
-    config = tile_config(cout // max(1, groups), cin_g * kh * kw, g.shape[2] * g.shape[3])
+    config = tile_config(cout // max(1, groups), cin_g * kh * kw, g.shape[2] * g.shape[3], half=x.dtype != torch.float32)
     tiles = groups * _cdiv(cout // max(1, groups), config.block_o) * _cdiv(cin_g * kh * kw, config.block_i)
     splits = _num_splits(x.shape[0], tiles, acc.numel(), acc.device) if x.shape[0] and acc.numel() else 1
     _launch(acc, x, g, stride, padding, dilation, groups, splits=splits)
