@@ -55,8 +55,8 @@ SCHEMA = (
 INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # with a float32 acc
 
 # "auto": the grouped form from this many output positions per sample (Ho * Wo) up. Measured on
-# ResNet-34's 3x3 layers, batch 64, CPU (benchmarks/results/conv_fisher_forms_cpu.md): the grouped
-# form wins 2.5x at 32x32 outputs, ties at 16x16 and loses at 8x8 (1.1x) and 4x4 (2.2x).
+# ResNet-34's layers, batch 64, 2-core Xeon (benchmarks/results/conv_fisher_forms_cpu.md): the grouped
+# form wins 3.0x at 32x32 outputs and 1.65x at 16x16, and loses 1.7x at 8x8 and 2.9x at 4x4.
 GROUPED_MIN_POSITIONS = 192
 # The grouped form's chunk: enough samples per call to amortise its setup, few enough to stay in
 # cache (the best of 1..64 on the layers above was 8-16).
