@@ -31,6 +31,7 @@ KERNELS = {
     "fishkern.ops.adamw_triton:_masked_adamw_kernel",
     "fishkern.ops.sgd_triton:_masked_sgd_kernel",
     "fishkern.ops.linear_fisher_triton:_linear_fisher_kernel",
+    "fishkern.ops.conv_fisher_triton:_conv_fisher_kernel",
 }
 
 
@@ -183,6 +184,9 @@ def test_gate_drives_every_kernel_without_compiling(tmp_path):
     assert odd and all((v["num_warps"], v["num_stages"]) == (8, 1) for v in odd)
     fisher = [v for v in report["variants"] if v["kernel"].endswith(":_linear_fisher_kernel")]
     assert {v["constexprs"]["SPLIT"] for v in fisher} == {True, False}  # the workspace path is compiled too
+    conv = [v for v in report["variants"] if v["kernel"].endswith(":_conv_fisher_kernel")]
+    assert {v["constexprs"]["SPLIT"] for v in conv} == {True, False}
+    assert {(v["constexprs"]["BLOCK_O"], v["constexprs"]["BLOCK_I"]) for v in conv} >= {(16, 32), (64, 64)}
 
 
 _FISHER_VARIANTS = """
