@@ -128,3 +128,78 @@ def test_disagreement_names_the_parameter_and_syncs_once(monkeypatch):
     message = estimator._disagreement(got, ref, params)
     assert message.startswith("'b'") and "0.1" in message
     assert len(syncs) == 1
+
+
+class TiedLM(nn.Module):
+    """Embedding (padding_idx, repeated ids) whose weight is also the output layer's: the reference
+    gets a sparse part (the rows of the ids) and a dense part (the logits) that autograd must sum."""
+
+    def __init__(self, tied: bool):
+        super().__init__()
+        self.emb = nn.Embedding(11, 5, padding_idx=0)
+        self.pos = nn.Embedding(7, 5)
+        self.l = nn.Linear(5, 5)
+        self.tied = tied
+
+    def forward(self, input_ids, attention_mask):
+        h = torch.tanh(self.l(self.emb(input_ids) + self.pos(torch.arange(input_ids.shape[1])[None])))
+        h = (h * attention_mask[..., None]).sum(1)
+        return h @ self.emb.weight[:3].T if self.tied else h[:, :3]
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_the_reference_with_sparse_embedding_gradients_equals_the_dense_loop(tied):
+    torch.manual_seed(0)
+    model = TiedLM(tied).double()
+    ids = torch.tensor([[3, 3, 0, 5, 3, 0], [1, 2, 2, 2, 9, 10]])  # repeated ids and the padding id
+    b = estimator.parse_batch({"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                               "labels": torch.tensor([1, 2])}, torch.device("cpu"), need_labels=True)
+    params = [(n, p) for n, p in model.named_parameters()]
+    like = {n: torch.zeros_like(p) for n, p in params}
+    seen = []
+    real_grad = torch.autograd.grad
+
+    def recording(outputs, inputs, **kw):
+        grads = real_grad(outputs, inputs, **kw)
+        seen.extend(g.is_sparse for g, p in zip(grads, inputs) if p is model.emb.weight and g is not None)
+        return grads
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.autograd, "grad", recording)
+        sparse = estimator._reference_scores(model, params, like, b, "empirical", None)
+    dense = {n: torch.zeros_like(p) for n, p in params}
+    for _, p in params:
+        p.requires_grad_(True)
+    estimator._loop_batch(model, params, dense, b, "empirical", None)
+    assert seen == [not tied, not tied]  # sparse per sample unless the weight is also used densely
+    assert not model.emb.sparse and not model.pos.sparse  # switched back
+    for n in dense:
+        assert torch.allclose(sparse[n], dense[n], rtol=1e-12, atol=0), n
+    if not tied:
+        assert sparse["emb.weight"][0].abs().max() == 0  # padding_idx row: no gradient
+    assert sparse["emb.weight"][3].abs().max() > 0 and sparse["emb.weight"][4].abs().max() == 0
+
+
+def test_the_embedding_switch_is_undone_when_the_reference_raises():
+    model = TiedLM(False)
+    params = list(model.named_parameters())
+    with pytest.raises(RuntimeError, match="boom"):
+        with estimator._sparse_embedding_grads(model, params):
+            assert model.emb.sparse
+            raise RuntimeError("boom")
+    assert not model.emb.sparse and not model.pos.sparse
+
+
+def test_scores_do_not_depend_on_whether_the_check_ran(loop_calls):
+    # the check runs its samples into the real accumulators, then zeroes them: bit-identical results
+    torch.manual_seed(0)
+    model = TiedLM(False).double()
+    ids = torch.randint(1, 11, (6, 7))
+    mask = torch.ones(6, 7, dtype=torch.long)
+    mask[:4, 5:] = 0
+    data = [{"input_ids": ids, "attention_mask": mask, "labels": torch.randint(0, 3, (6,))}] * 2
+    checked = estimate_fisher(model, data, 12, progress=False)
+    unchecked = estimate_fisher(model, data, 12, progress=False, self_check=False)
+    assert loop_calls == [2] and checked.implementation == "torch"
+    assert_scores_close(checked.scores, unchecked.scores, 0)
+    assert_scores_close(checked.scores, fisher_reference(model, data, 12, progress=False), 1e-10)

@@ -85,9 +85,34 @@ def _loop_batch(model, params, acc, b: Batch, kind, loss_fn) -> None:
         for j, t in enumerate(terms):
             grads = torch.autograd.grad(t.sum(), tensors, retain_graph=j < len(terms) - 1, allow_unused=True)
             for (n, _), gr in zip(params, grads):
-                if gr is not None:
+                if gr is None:
+                    continue
+                if gr.is_sparse:  # an Embedding with sparse=True: only the rows of this sample's ids
+                    gr = gr.coalesce()  # repeated ids summed first: the sample's gradient row, then squared
+                    rows = gr.values().to(acc[n].dtype)
+                    acc[n].index_add_(0, gr.indices()[0], rows * rows)
+                else:
                     gr = gr.to(acc[n].dtype)
                     acc[n].addcmul_(gr, gr)  # in place: no squared copy of the gradient
+
+
+@contextlib.contextmanager
+def _sparse_embedding_grads(model: nn.Module, params):
+    """The trainable nn.Embedding weights get sparse gradients (the rows of the sample's ids) for the
+    duration: the per-sample reference then never allocates, fills and squares a dense V x d
+    gradient per sample (BERT's word embeddings are half of MiniLM's parameters). A weight also used
+    elsewhere (tied) still gets its whole gradient: autograd sums the sparse and dense parts."""
+    trained = {id(p) for _, p in params}
+    switched = [m for m in model.modules()
+                if isinstance(m, nn.Embedding) and not m.sparse and not m.scale_grad_by_freq  # (no sparse form)
+                and id(m.weight) in trained]
+    for m in switched:
+        m.sparse = True
+    try:
+        yield
+    finally:
+        for m in switched:
+            m.sparse = False
 
 
 # ------------------------------------------------------------------------------- batched path
@@ -327,8 +352,8 @@ def _max_abs(tensors: list[Tensor]) -> Tensor:
 
 def _disagreement(got, ref, params) -> str | None:
     """The first parameter whose batched scores differ from the loop's beyond the dtype's tolerance,
-    with the difference; one device sync for all of them. ``got`` is the check's own accumulator and
-    is overwritten (with got - ref: no temporaries)."""
+    with the difference; one device sync for all of them. ``got`` (the check's scores, zeroed after
+    the check) is overwritten with got - ref: no temporaries."""
     names = [n for n, _ in params if ref[n].numel()]
     if not names:
         return None
@@ -344,12 +369,30 @@ def _disagreement(got, ref, params) -> str | None:
     return None
 
 
+def _reference_scores(model, params, like, b: Batch, kind, loss_fn) -> dict[str, Tensor]:
+    """The per-sample loop's scores on the batch ``b``, in fresh accumulators shaped as ``like``."""
+    ref = {k: torch.zeros_like(v) for k, v in like.items()}
+    for _, p in params:
+        p.requires_grad_(True)
+    try:
+        with _sparse_embedding_grads(model, params):
+            _loop_batch(model, params, ref, b, kind, loss_fn)
+    finally:
+        for _, p in params:
+            p.requires_grad_(False)
+    return ref
+
+
 def _self_check(engine: "_Engine", model, params, b: Batch, kind, loss_fn) -> None:
     """Before the first batch counts: the batched rules against the per-sample loop on two samples
     (the most padded ones). Catches models that break the batched path's assumptions — dim 0 not
     the samples, padded tokens that do matter, parameters used outside their module's forward —
     and falls back (to no padding skip, or to the loop) instead of returning wrong scores. Skipped
-    for a model already checked with this structure in this process (``_CHECKED``)."""
+    for a model already checked with this structure in this process (``_CHECKED``).
+
+    The checked samples' batched scores are run into the real accumulators (still zero: this is the
+    first batch), compared, and zeroed again: no second full-model accumulator is allocated. The
+    reference loop gives nn.Embedding weights sparse gradients (``_sparse_embedding_grads``)."""
     key = _structure_key(model, params, b, kind, loss_fn)
     try:
         hash(key)
@@ -362,31 +405,26 @@ def _self_check(engine: "_Engine", model, params, b: Batch, kind, loss_fn) -> No
     mask = b.attention_mask
     lengths = right_padded_lengths(mask) if mask is not None and mask.shape[0] == b.size else None
     n = min(_CHECK_SAMPLES, b.size)
-    idx = torch.argsort(lengths.cpu(), stable=True)[:n] if lengths is not None else torch.arange(n)
+    order = torch.argsort(lengths.cpu(), stable=True) if lengths is not None else torch.arange(b.size)
+    idx = order[:n]
     sub = select(b, idx)
-    zeros = lambda: {k: torch.zeros_like(v) for k, v in engine.acc.items()}  # noqa: E731
-    ref, real = zeros(), engine.acc
-    for _, p in params:
-        p.requires_grad_(True)
-    try:
-        _loop_batch(model, params, ref, sub, kind, loss_fn)
-    finally:
-        for _, p in params:
-            p.requires_grad_(False)
-    try:
-        for use_lengths in ((True, False) if lengths is not None else (True,)):
-            engine.acc = zeros()
-            engine.run_batch(sub, kind, loss_fn, use_lengths=use_lengths)
-            bad = _disagreement(engine.acc, ref, params)
-            if bad is None:
-                engine.use_lengths = use_lengths
-                # A verdict on skipping padding holds only if the samples had padding to skip.
-                saw_padding = lengths is None or bool((lengths[idx.to(lengths.device)] < mask.shape[1]).any())
-                if key is not None and saw_padding:
-                    _CHECKED.setdefault(model, {})[key] = use_lengths
-                return
-    finally:
-        engine.acc = real
+    ref = _reference_scores(model, params, engine.acc, sub, kind, loss_fn)
+    got = list(engine.acc.values())
+    for attempt, use_lengths in enumerate((True, False) if lengths is not None else (True,)):
+        if attempt:  # the comparison left got - ref in the accumulators
+            torch._foreach_zero_(got)
+        engine.run_batch(sub, kind, loss_fn, use_lengths=use_lengths)
+        bad = _disagreement(engine.acc, ref, params)
+        if bad is None:
+            engine.use_lengths = use_lengths
+            # A verdict on skipping padding holds only if the samples had padding to skip.
+            saw_padding = lengths is None or bool((lengths[idx.to(lengths.device)] < mask.shape[1]).any())
+            if key is not None and saw_padding:
+                _CHECKED.setdefault(model, {})[key] = use_lengths
+            # Back to zero, and the whole batch is run as without the check: the scores do not depend
+            # on whether this process had checked the model before (bit for bit).
+            torch._foreach_zero_(got)
+            return
     raise _UseLoop(f"the batched estimate disagrees with the per-sample loop on the first samples at {bad}")
 
 
@@ -522,6 +560,8 @@ def estimate_fisher(
                     except _UseLoop as e:
                         ran, fallback = "loop", str(e)
                         _warn_fallback(fallback)
+                        if count == 0:  # a failed self-check leaves its samples' scores in: start from zero
+                            torch._foreach_zero_(list(acc.values()))
                         engine.close()
                         engine = None
                         for _, p in params:
