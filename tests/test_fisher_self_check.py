@@ -34,9 +34,9 @@ def loop_calls(monkeypatch):
     calls = []
     real = estimator._loop_batch
 
-    def counted(model, params, acc, b, kind, loss_fn):
+    def counted(model, params, acc, b, kind, loss_fn, lm=None):
         calls.append(b.size)
-        return real(model, params, acc, b, kind, loss_fn)
+        return real(model, params, acc, b, kind, loss_fn, lm)
 
     monkeypatch.setattr(estimator, "_loop_batch", counted)
     clear_self_check_cache()

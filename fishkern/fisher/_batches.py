@@ -21,6 +21,13 @@ class Batch:
     labels: Tensor | None
     size: int
     raw: Any  # the batch as given (handed to a custom loss)
+    first: int = 0  # the index of its first sample in the whole estimate
+    picked: tuple[int, ...] | None = None  # or, after select(), the index of each sample
+
+    def sample_index(self, i: int) -> int:
+        """The index in the whole estimate of sample i: what seeds its own random draws, so that
+        they do not depend on how the samples are batched."""
+        return self.picked[i] if self.picked is not None else self.first + i
 
     def call(self, model):
         if isinstance(self.inputs, Mapping):
@@ -135,7 +142,7 @@ def model_output_logits(out) -> Tensor:
     return logits
 
 
-def _map_samples(b: Batch, cut_tensor, n: int) -> Batch:
+def _map_samples(b: Batch, cut_tensor, n: int, first: int, picked) -> Batch:
     """Apply `cut_tensor` to every tensor whose leading dimension is the batch size."""
 
     def cut(obj):
@@ -150,14 +157,16 @@ def _map_samples(b: Batch, cut_tensor, n: int) -> Batch:
         return obj
 
     labels = cut_tensor(b.labels) if b.labels is not None else None
-    return Batch(cut(b.inputs), labels, n, cut(b.raw))
+    return Batch(cut(b.inputs), labels, n, cut(b.raw), first, picked)
 
 
 def take(b: Batch, start: int, stop: int) -> Batch:
     """Samples start..stop-1 of a batch (for the batch-size-1 loop)."""
-    return _map_samples(b, lambda t: t[start:stop], stop - start)
+    picked = b.picked[start:stop] if b.picked is not None else None
+    return _map_samples(b, lambda t: t[start:stop], stop - start, b.first + start, picked)
 
 
 def select(b: Batch, idx: Tensor) -> Batch:
     """The samples at `idx` (a 1-D index tensor) of a batch."""
-    return _map_samples(b, lambda t: t.index_select(0, idx.to(t.device)), idx.numel())
+    picked = tuple(b.sample_index(i) for i in idx.tolist())
+    return _map_samples(b, lambda t: t.index_select(0, idx.to(t.device)), idx.numel(), 0, picked)

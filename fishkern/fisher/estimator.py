@@ -23,8 +23,9 @@ import torch.nn as nn
 from torch import Tensor
 
 from ._batches import Batch, parse_batch, right_padded_lengths, select, take, truncate
-from .losses import check_kind, fisher_terms
-from .rules import DEFAULT_CHUNK_ELEMS, Context, EmbeddingRule, GenericRule, Rule, _Unsupported, rule_for
+from .losses import CausalLM, check_kind, fisher_terms, is_causal_lm
+from .rules import DEFAULT_CHUNK_ELEMS, Context, EmbeddingRule, GenericRule, LinearRule, Rule, _Unsupported, rule_for
+from .tied import TiedEmbeddingRule, TiedHeadRule, TiedPair
 
 IMPLEMENTATIONS = ("auto", "torch", "triton", "loop")
 
@@ -76,12 +77,12 @@ def _trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
 
 
 # ---------------------------------------------------------------------------------- loop path
-def _loop_batch(model, params, acc, b: Batch, kind, loss_fn) -> None:
+def _loop_batch(model, params, acc, b: Batch, kind, loss_fn, lm: CausalLM | None = None) -> None:
     tensors = [p for _, p in params]
     for i in range(b.size):
         one = take(b, i, i + 1)
         out = one.call(model)
-        terms = fisher_terms(out, one, kind, loss_fn)
+        terms = fisher_terms(out, one, kind, loss_fn, lm)
         for j, t in enumerate(terms):
             grads = torch.autograd.grad(t.sum(), tensors, retain_graph=j < len(terms) - 1, allow_unused=True)
             for (n, _), gr in zip(params, grads):
@@ -164,15 +165,6 @@ class _Engine:
         trainable = {id(p) for _, p in params}
         name_of = {id(p): n for n, p in params}
         self.owned: dict[nn.Module, tuple[str, Rule, dict[str, str]]] = {}
-        owners: dict[int, list[str]] = {}
-        for mname, m in model.named_modules(remove_duplicate=False):
-            own = {pn: name_of[id(p)] for pn, p in m.named_parameters(recurse=False) if id(p) in trainable}
-            for full in own.values():
-                owners.setdefault(full, []).append(mname)
-        shared = {n: o for n, o in owners.items() if len(o) > 1}
-        if shared:
-            n, o = next(iter(shared.items()))
-            raise _UseLoop(f"parameter '{n}' is shared by modules {o} (tied weights)")
         for mname, m in model.named_modules():
             own = {pn: name_of[id(p)] for pn, p in m.named_parameters(recurse=False) if id(p) in trainable}
             if not own:
@@ -184,7 +176,32 @@ class _Engine:
             if isinstance(rule, GenericRule):
                 self.generic.append(mname)
             self.owned[m] = (mname, rule, own)
+        self.pairs = self._tie(model)
         self.handles = [m.register_forward_hook(self._on_forward, with_kwargs=True) for m in self.owned]
+
+    def _tie(self, model: nn.Module) -> list[TiedPair]:
+        """Parameters used by more than one module: an input embedding tied to a Linear head is done
+        exactly (fisher/tied.py); any other sharing goes to the per-sample loop."""
+        users: dict[str, list[tuple[str, nn.Module, str]]] = {}
+        for mname, m in model.named_modules(remove_duplicate=False):
+            if m not in self.owned:
+                continue
+            for pn, full in self.owned[m][2].items():
+                users.setdefault(full, []).append((mname, m, pn))
+        pairs = []
+        for full, use in users.items():
+            if len(use) == 1:
+                continue
+            kinds = {type(self.owned[m][1]): (m, pn) for _, m, pn in use}
+            emb, head = kinds.get(EmbeddingRule), kinds.get(LinearRule)
+            if len(use) != 2 or emb is None or head is None or emb[1] != "weight" or head[1] != "weight":
+                raise _UseLoop(f"parameter '{full}' is shared by modules {[u[0] for u in use]} (tied weights)")
+            pair = TiedPair(full, emb[0], head[0])
+            (ename, erule, eown), (hname, _, hown) = self.owned[emb[0]], self.owned[head[0]]
+            self.owned[emb[0]] = (ename, TiedEmbeddingRule(erule, pair), eown)
+            self.owned[head[0]] = (hname, TiedHeadRule(pair), hown)
+            pairs.append(pair)
+        return pairs
 
     def close(self):
         for h in self.handles:
@@ -214,6 +231,8 @@ class _Engine:
                 f"module '{name}' sees an input of shape {tuple(x.shape)} whose first dimension is not "
                 f"the batch's {self.batch_size} samples"
             )
+        if isinstance(rule, TiedEmbeddingRule):
+            rule.pair.ids = x.detach()
         lengths = None
         if self.lengths_for is not None and isinstance(x, Tensor) and x.dim() >= 2:
             if tuple(x.shape[:2]) == self.lengths_for[0]:
@@ -273,7 +292,7 @@ class _Engine:
                 )
             call.grads = [None] * len(call.grads)
 
-    def run_batch(self, b: Batch, kind, loss_fn, use_lengths: bool | None = None):
+    def run_batch(self, b: Batch, kind, loss_fn, use_lengths: bool | None = None, lm: CausalLM | None = None):
         self.calls, self.leaves, self.batch_size = [], [], b.size
         mask = b.attention_mask
         self.lengths_for = None
@@ -292,7 +311,7 @@ class _Engine:
                     call.check_unmodified()
                 except RuntimeError as e:
                     raise _UseLoop(f"the input of '{call.name}' is modified in place after its forward") from e
-            terms = fisher_terms(out, b, kind, loss_fn)
+            terms = fisher_terms(out, b, kind, loss_fn, lm)
             # Every graph path starts at a leaf made in _on_forward (parameters are frozen): asking for
             # the leaves' gradients runs the whole backward, so every output hook fires, also on outputs
             # modified in place later. No parameter gradient is computed or stored.
@@ -302,6 +321,8 @@ class _Engine:
                     raise RuntimeError(
                         "fishkern Fisher: the loss does not depend on any trainable parameter's module"
                     )
+                for pair in self.pairs:
+                    pair.forget()
                 torch.autograd.grad(term.sum(), starts, retain_graph=j < len(terms) - 1, allow_unused=True)
                 self._finish_generic()
         finally:
@@ -309,6 +330,8 @@ class _Engine:
             # (see _Call.release)
             for call in self.calls:
                 call.release()
+            for pair in self.pairs:
+                pair.release()
             self.calls, self.leaves, self.lengths_for = [], [], None
 
 
@@ -333,14 +356,14 @@ def clear_self_check_cache() -> None:
     _CHECKED.clear()
 
 
-def _structure_key(model: nn.Module, params, b: Batch, kind, loss_fn) -> tuple:
+def _structure_key(model: nn.Module, params, b: Batch, kind, loss_fn, lm: CausalLM | None = None) -> tuple:
     modules = tuple((n, type(m)) for n, m in model.named_modules())
     trainable = tuple((n, tuple(p.shape), p.dtype, p.device) for n, p in params)
     if isinstance(b.inputs, Mapping):
         layout = tuple(sorted((k, isinstance(v, Tensor) and v.dim()) for k, v in b.inputs.items()))
     else:
         layout = (type(b.inputs),)
-    return modules, trainable, kind, loss_fn, layout, b.attention_mask is not None
+    return modules, trainable, kind, loss_fn, lm is not None, layout, b.attention_mask is not None
 
 
 def _max_abs(tensors: list[Tensor]) -> Tensor:
@@ -369,21 +392,21 @@ def _disagreement(got, ref, params) -> str | None:
     return None
 
 
-def _reference_scores(model, params, like, b: Batch, kind, loss_fn) -> dict[str, Tensor]:
+def _reference_scores(model, params, like, b: Batch, kind, loss_fn, lm: CausalLM | None = None) -> dict[str, Tensor]:
     """The per-sample loop's scores on the batch ``b``, in fresh accumulators shaped as ``like``."""
     ref = {k: torch.zeros_like(v) for k, v in like.items()}
     for _, p in params:
         p.requires_grad_(True)
     try:
         with _sparse_embedding_grads(model, params):
-            _loop_batch(model, params, ref, b, kind, loss_fn)
+            _loop_batch(model, params, ref, b, kind, loss_fn, lm)
     finally:
         for _, p in params:
             p.requires_grad_(False)
     return ref
 
 
-def _self_check(engine: "_Engine", model, params, b: Batch, kind, loss_fn) -> None:
+def _self_check(engine: "_Engine", model, params, b: Batch, kind, loss_fn, lm: CausalLM | None = None) -> None:
     """Before the first batch counts: the batched rules against the per-sample loop on two samples
     (the most padded ones). Catches models that break the batched path's assumptions — dim 0 not
     the samples, padded tokens that do matter, parameters used outside their module's forward —
@@ -393,7 +416,7 @@ def _self_check(engine: "_Engine", model, params, b: Batch, kind, loss_fn) -> No
     The checked samples' batched scores are run into the real accumulators (still zero: this is the
     first batch), compared, and zeroed again: no second full-model accumulator is allocated. The
     reference loop gives nn.Embedding weights sparse gradients (``_sparse_embedding_grads``)."""
-    key = _structure_key(model, params, b, kind, loss_fn)
+    key = _structure_key(model, params, b, kind, loss_fn, lm)
     try:
         hash(key)
     except TypeError:  # an unhashable loss_fn: check every time
@@ -408,12 +431,14 @@ def _self_check(engine: "_Engine", model, params, b: Batch, kind, loss_fn) -> No
     order = torch.argsort(lengths.cpu(), stable=True) if lengths is not None else torch.arange(b.size)
     idx = order[:n]
     sub = select(b, idx)
-    ref = _reference_scores(model, params, engine.acc, sub, kind, loss_fn)
+    ref = None
     got = list(engine.acc.values())
     for attempt, use_lengths in enumerate((True, False) if lengths is not None else (True,)):
         if attempt:  # the comparison left got - ref in the accumulators
             torch._foreach_zero_(got)
-        engine.run_batch(sub, kind, loss_fn, use_lengths=use_lengths)
+        engine.run_batch(sub, kind, loss_fn, use_lengths=use_lengths, lm=lm)
+        if ref is None:  # after the batched run: a causal LM's sampled targets (kind='true') are drawn there
+            ref = _reference_scores(model, params, engine.acc, sub, kind, loss_fn, lm)
         bad = _disagreement(engine.acc, ref, params)
         if bad is None:
             engine.use_lengths = use_lengths
@@ -464,6 +489,8 @@ def estimate_fisher(
     progress: bool = True,
     chunk_elems: int = DEFAULT_CHUNK_ELEMS,
     self_check: bool = True,
+    causal_lm: bool | None = None,
+    lm_samples: int = 1,
 ) -> FisherResult:
     """Diagonal Fisher scores of every trainable parameter over the first `num_samples` samples.
 
@@ -495,12 +522,26 @@ def estimate_fisher(
         of two samples, once per model and structure per process (a later estimate of the same
         model with the same modules, parameters, kind, loss and batch layout reuses the verdict;
         ``fishkern.fisher.clear_self_check_cache()`` forgets it).
+    causal_lm: the model is a causal language model: one loss per sequence, the sum of −log p over
+        its next-token targets (labels shifted by one, -100 and attention-masked positions excluded;
+        labels default to the input ids). None (the default): True for Hugging Face causal-LM classes
+        (``*ForCausalLM``, ``*LMHeadModel``), False otherwise. Not with a custom loss_fn.
+    lm_samples: for kind='true' on a causal LM, the targets drawn from the model's own distribution
+        per token (teacher forcing; seeded by ``seed``); the score is the mean over the draws.
 
     The model is in eval mode during the estimate and restored afterwards; parameters' `.grad` and
     `requires_grad` are left as they were, and no hook or reference to the model, its inputs or its
     activations outlives the call (also on error). Scores are fp32 (fp64 for fp64 parameters).
     """
     _check_arguments(model, data, num_samples, kind, loss_fn, implementation, seed, chunk_elems)
+    if causal_lm is not None and not isinstance(causal_lm, bool):
+        raise TypeError(f"causal_lm must be True, False or None, got {causal_lm!r}")
+    if causal_lm and loss_fn is not None:
+        raise ValueError("causal_lm=True sets the loss; it cannot be combined with a custom loss_fn")
+    lm = None
+    if loss_fn is None and (is_causal_lm(model) if causal_lm is None else causal_lm):
+        # kind='true' draws targets: seeded by `seed` (None: a seed from the caller's RNG)
+        lm = CausalLM(lm_samples, seed=seed if seed is not None else int(torch.randint(1 << 62, ()).item()))
     params = _trainable(model)
     if not params:
         raise ValueError("the model has no trainable parameters (requires_grad=True)")
@@ -525,7 +566,7 @@ def estimate_fisher(
         ran = "torch"
     fallback = None
     engine = None
-    need_labels = kind == "empirical" and loss_fn is None
+    need_labels = kind == "empirical" and loss_fn is None and lm is None  # an LM's targets default to its inputs
     from .._progress import progress_bar
 
     t0 = time.perf_counter()
@@ -547,6 +588,7 @@ def estimate_fisher(
                     p.requires_grad_(True)
             for raw in data:
                 b = parse_batch(raw, device, need_labels=need_labels)
+                b.first = count
                 if b.size == 0:
                     continue
                 if count + b.size > num_samples:
@@ -554,9 +596,9 @@ def estimate_fisher(
                 if ran != "loop":
                     try:
                         if self_check and not checked:
-                            _self_check(engine, model, params, b, kind, loss_fn)
+                            _self_check(engine, model, params, b, kind, loss_fn, lm)
                             checked = True
-                        engine.run_batch(b, kind, loss_fn)
+                        engine.run_batch(b, kind, loss_fn, lm=lm)
                     except _UseLoop as e:
                         ran, fallback = "loop", str(e)
                         _warn_fallback(fallback)
@@ -567,7 +609,7 @@ def estimate_fisher(
                         for _, p in params:
                             p.requires_grad_(True)
                 if ran == "loop":
-                    _loop_batch(model, params, acc, b, kind, loss_fn)
+                    _loop_batch(model, params, acc, b, kind, loss_fn, lm)
                 count += b.size
                 bar.update(b.size)
                 if count >= num_samples:
