@@ -23,7 +23,8 @@ import torch.nn as nn
 from torch import Tensor
 
 from ._batches import Batch, parse_batch, right_padded_lengths, select, take, truncate
-from .losses import CausalLM, check_kind, fisher_terms, is_causal_lm
+from ..models.kinds import is_causal_lm
+from .losses import CausalLM, check_kind, fisher_terms
 from .rules import DEFAULT_CHUNK_ELEMS, Context, EmbeddingRule, GenericRule, LinearRule, Rule, _Unsupported, rule_for
 from .tied import TiedEmbeddingRule, TiedHeadRule, TiedPair
 

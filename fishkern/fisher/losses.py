@@ -108,13 +108,6 @@ class CausalLM:
         return list(out.unbind(1))
 
 
-def is_causal_lm(model) -> bool:
-    """A Hugging Face causal-LM class, by name (transformers need not be importable): Llama, Qwen,
-    Mistral, Gemma, … ``*ForCausalLM`` and GPT-2-style ``*LMHeadModel``."""
-    name = type(model).__name__
-    return name.endswith("ForCausalLM") or name.endswith("LMHeadModel")
-
-
 def _is_regression(logits: Tensor, labels: Tensor | None) -> bool:
     # one output is a regression head (as Hugging Face treats num_labels=1), whatever the label dtype
     return logits.dim() == 1 or logits.shape[-1] == 1

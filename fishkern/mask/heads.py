@@ -6,6 +6,9 @@
 - ``head="fc"`` or a list of patterns: those parameters; each pattern must match something (a
   typo is an error that suggests close names).
 - ``head=()``: nothing is forced in (the documented opt-out).
+
+A causal language model (``*ForCausalLM``, ``*LMHeadModel``) has no new head: ``head=None`` forces
+nothing in for it; pass ``head="lm_head"`` (or ``"score"``) to train a head whole.
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ from collections.abc import Sequence
 
 import torch.nn as nn
 
+from ..models.kinds import is_causal_lm
 from ._patterns import as_patterns, check_each_matches, close_names, match_names
 
 DEFAULT_HEADS = ("classifier", "score")  # BERT/RoBERTa/DeBERTa…, GPT-style sequence classifiers
@@ -42,5 +46,8 @@ def head_parameters(
 def head_names(model: nn.Module, head: Sequence[str] | str | None = None) -> list[str]:
     """Parameter names of the classification head (new at fine-tuning; forced into every mask):
     ``DEFAULT_HEADS`` when ``head`` is None (an error when nothing matches), else the parameters
-    matching ``head`` (each pattern must match); ``head=()`` forces nothing."""
+    matching ``head`` (each pattern must match); ``head=()`` forces nothing. A causal LM with
+    ``head=None``: nothing (its output head is pretrained, not new)."""
+    if head is None and is_causal_lm(model):
+        return []
     return head_parameters([n for n, _ in model.named_parameters()], head, what=type(model).__name__)

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from ..topk import global_topk
 from ._patterns import as_patterns as _patterns, check_each_matches, close_names, match_names
+from ..models.kinds import is_causal_lm
 from .heads import head_parameters
 
 
@@ -286,11 +287,14 @@ def scores_selection(
     return _select(shapes, forced, competing, ranked, k, prov)
 
 
-def _forced_head(shapes, is_model: bool, force, arg: str) -> list[str] | None:
-    """The head a baseline builder forces in: the rule of ``fishkern.mask.heads`` for a model;
-    for plain tensors or shapes (no model), only what ``force`` names. None: use ``force``."""
+def _forced_head(shapes, is_model: bool, force, arg: str, params=None) -> list[str] | None:
+    """The head a baseline builder forces in: the rule of ``fishkern.mask.heads`` for a model
+    (nothing for a causal LM); for plain tensors or shapes (no model), only what ``force`` names.
+    None: use ``force``."""
     if force is None:
-        return head_parameters(list(shapes), None, arg=arg) if is_model else []
+        if not is_model or is_causal_lm(params):
+            return []
+        return head_parameters(list(shapes), None, arg=arg)
     return None
 
 
@@ -309,7 +313,7 @@ def random_selection(
     if isinstance(seed, bool) or not hasattr(seed, "__index__"):
         raise TypeError(f"seed must be an int, got {_type_name(seed)}")
     k = budget(sum(numel_of(s) for s in shapes.values()), density, k)
-    head = _forced_head(shapes, is_model, force, "force")
+    head = _forced_head(shapes, is_model, force, "force", params)
     forced, competing = _split_forced(shapes, () if head is not None else force, exclude, head)
     gen = torch.Generator().manual_seed(seed)
     scores = [torch.rand(shapes[n], generator=gen) for n in competing]
@@ -322,7 +326,7 @@ def bitfit_selection(
 ) -> Selection:
     """The selection of ``builders.bitfit_mask`` (see there)."""
     shapes, is_model = _model_shapes(params, "params")
-    forced = _forced_head(shapes, is_model, head, "head")
+    forced = _forced_head(shapes, is_model, head, "head", params)
     if forced is None:
         head = _patterns(head, "head")
         check_each_matches(list(shapes), head, "head")
