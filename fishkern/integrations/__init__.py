@@ -1,6 +1,8 @@
 """Integrations with training frameworks (Hugging Face transformers). Importing this package does not
-import transformers; `FishTrainer` is built on first access."""
-from .hf import FISH_MASK_FILE, FISH_MODEL_FILE, fish_mask_for, head_names, load_task_file, save_task_file
+import transformers; `FishTrainer` is built on first access, `fish_trainer_class(SFTTrainer)` on call."""
+from .hf import (
+    FISH_MASK_FILE, FISH_MODEL_FILE, fish_mask_for, fish_trainer_class, head_names, load_task_file, save_task_file,
+)
 
 
 def __getattr__(name):
@@ -11,4 +13,7 @@ def __getattr__(name):
     raise AttributeError(name)
 
 
-__all__ = ["FishTrainer", "FISH_MASK_FILE", "FISH_MODEL_FILE", "fish_mask_for", "head_names", "load_task_file", "save_task_file"]
+__all__ = [
+    "FishTrainer", "FISH_MASK_FILE", "FISH_MODEL_FILE", "fish_mask_for", "fish_trainer_class", "head_names",
+    "load_task_file", "save_task_file",
+]

@@ -554,45 +554,65 @@ def _fish_callback(trainer):
     return FishTrainerCallback()
 
 
-_FISH_TRAINER = None
+_FISH_TRAINERS: dict[type, type] = {}  # Trainer class -> its FISH subclass
 
 
-def _build_fish_trainer():
-    global _FISH_TRAINER
-    if _FISH_TRAINER is None:
-        from transformers import TrainerCallback
-
-        Trainer = _trainer_base()
-        check_trainer_hooks(Trainer, TrainerCallback)
-
-        class FishTrainer(_FishTrainerMixin, Trainer):
-            """`transformers.Trainer` that trains only a FISH mask's entries with MaskedAdamW.
+_FISH_DOC = """`{base}` that trains only a FISH mask's entries with MaskedAdamW.
 
             Extra arguments: fish_density (0.005), fish_num_samples (1024, the paper's N),
             fish_mask (a precomputed FishMask: skips the Fisher pass), fish_head (head patterns,
-            default "classifier"/"score"), fish_free_dense_grads (True: dense .grad freed during
-            backward), fish_kind ("empirical" or "true"), fish_comm_hook (True: under DDP only the masked
-            gradient entries are all-reduced, 4·k bytes a step), fish_comm_dtype (None, or torch.bfloat16
-            to send them in 2·k bytes), fish_sparse_checkpoints (True: checkpoints hold the k trained
-            values, the mask and the k-sized optimizer state instead of the dense model; see the module
-            docstring). The rest is the Trainer's: its scheduler,
+            default "classifier"/"score"; nothing for a causal LM), fish_free_dense_grads (True: dense
+            .grad freed during backward), fish_kind ("empirical" or "true"), fish_comm_hook (True: under
+            DDP only the masked gradient entries are all-reduced, 4·k bytes a step), fish_comm_dtype (None,
+            or torch.bfloat16 to send them in 2·k bytes), fish_sparse_checkpoints (True: checkpoints hold
+            the k trained values, the mask and the k-sized optimizer state instead of the dense model; see
+            the module docstring). The rest is the Trainer's: its scheduler,
             its weight-decay grouping (none on biases and norm weights), its max_grad_norm (applied
             to the trained entries). TrainingArguments.optim must be an AdamW; fp16 loss scaling is
             not supported (use bf16). Set weight_decay=0.0 for the paper's recipe. The mask is
             computed on the first `train()` from `get_train_dataloader()` (`trainer.fish_mask`) and
             saved in every checkpoint, from where `train(resume_from_checkpoint=...)` reads it.
+            A causal LM (``*ForCausalLM``) is scored with its per-sequence next-token loss.
             """
 
-            def __init__(self, *args, fish_density: float = 0.005, fish_num_samples: int = 1024,
-                         fish_mask: FishMask | None = None, fish_head=None, fish_free_dense_grads: bool = True,
-                         fish_kind: str = "empirical", fish_comm_hook: bool = True, fish_comm_dtype=None,
-                         fish_sparse_checkpoints: bool = True, **kwargs):
-                super().__init__(*args, **kwargs)
-                self._init_fish(fish_density, fish_num_samples, fish_mask, fish_head, fish_free_dense_grads, fish_kind,
-                                fish_comm_hook, fish_comm_dtype, fish_sparse_checkpoints)
 
-        _FISH_TRAINER = FishTrainer
-    return _FISH_TRAINER
+def fish_trainer_class(base: type | None = None) -> type:
+    """The FISH version of a `transformers.Trainer` subclass — e.g. TRL's ``SFTTrainer``:
+    ``FishSFTTrainer = fish_trainer_class(SFTTrainer)`` takes the base's arguments plus
+    FishTrainer's ``fish_*`` ones. ``base=None``: ``transformers.Trainer`` (that is `FishTrainer`).
+    One class per base (cached). The base must keep the Trainer's hooks FishTrainer relies on (see
+    the module docstring; checked: an ImportError names a missing one) and not replace
+    ``create_optimizer``'s choice of optimizer itself."""
+    from transformers import TrainerCallback
+
+    Trainer = _trainer_base()
+    base = Trainer if base is None else base
+    if not (isinstance(base, type) and issubclass(base, Trainer)):
+        raise TypeError(f"fish_trainer_class needs a subclass of transformers.Trainer, got {base!r}")
+    if issubclass(base, _FishTrainerMixin):
+        raise TypeError(f"{base.__name__} already trains a FISH mask")
+    if base not in _FISH_TRAINERS:
+        check_trainer_hooks(base, TrainerCallback)
+
+        def __init__(self, *args, fish_density: float = 0.005, fish_num_samples: int = 1024,
+                     fish_mask: FishMask | None = None, fish_head=None, fish_free_dense_grads: bool = True,
+                     fish_kind: str = "empirical", fish_comm_hook: bool = True, fish_comm_dtype=None,
+                     fish_sparse_checkpoints: bool = True, **kwargs):
+            base.__init__(self, *args, **kwargs)
+            self._init_fish(fish_density, fish_num_samples, fish_mask, fish_head, fish_free_dense_grads, fish_kind,
+                            fish_comm_hook, fish_comm_dtype, fish_sparse_checkpoints)
+
+        name = "FishTrainer" if base is Trainer else f"Fish{base.__name__}"
+        cls = type(name, (_FishTrainerMixin, base), {
+            "__init__": __init__, "__doc__": _FISH_DOC.format(base=f"{base.__module__}.{base.__qualname__}"),
+            "__module__": __name__, "__qualname__": name,
+        })
+        _FISH_TRAINERS[base] = cls
+    return _FISH_TRAINERS[base]
+
+
+def _build_fish_trainer():
+    return fish_trainer_class(None)
 
 
 def __getattr__(name):  # FishTrainer subclasses transformers.Trainer: build it on first use only
