@@ -14,22 +14,9 @@ import torch.nn.functional as F
 from fishkern.fisher import estimate_fisher, fisher_reference
 from fishkern.fisher.rules import Conv1DRule, EmbeddingRule, RMSNormRule, rule_for
 from fishkern.mask.heads import head_names
-from tests._tiny_lms import FAMILIES, VOCAB, lm_batches, tiny_lm
+from tests._tiny_lms import FAMILIES, VOCAB, assert_scores_close, lm_batches, tiny_lm
 
 pytest.importorskip("transformers")
-
-
-def assert_scores_close(got, ref, rtol):
-    assert list(got) == list(ref)
-    top = max(v.abs().max().item() for v in ref.values())
-    assert top > 0
-    for name in ref:
-        a, b = got[name], ref[name]
-        assert a.shape == b.shape and a.dtype == b.dtype, name
-        assert b.abs().max() > 0, f"{name}: a zero reference tests nothing"
-        scale = max(b.abs().max().item(), 1e-8 * top)
-        err = (a - b).abs().max().item() / scale
-        assert err <= rtol, f"{name}: relative error {err:.3g} > {rtol}"
 
 
 def batched_without_fallback(model, data, n, **kw):

@@ -12,6 +12,7 @@ forward/backward per sample, squared gradients summed. It is also the reference 
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 import warnings
 import weakref
@@ -89,13 +90,16 @@ def _loop_batch(model, params, acc, b: Batch, kind, loss_fn, lm: CausalLM | None
             for (n, _), gr in zip(params, grads):
                 if gr is None:
                     continue
+                a = acc[n]  # on the parameter's device, or off it (scores_device / scores_file)
                 if gr.is_sparse:  # an Embedding with sparse=True: only the rows of this sample's ids
                     gr = gr.coalesce()  # repeated ids summed first: the sample's gradient row, then squared
-                    rows = gr.values().to(acc[n].dtype)
-                    acc[n].index_add_(0, gr.indices()[0], rows * rows)
+                    rows = gr.values().to(a.dtype)
+                    a.index_add_(0, gr.indices()[0].to(a.device), (rows * rows).to(a.device))
+                elif a.device == gr.device:
+                    gr = gr.to(a.dtype)
+                    a.addcmul_(gr, gr)  # in place: no squared copy of the gradient
                 else:
-                    gr = gr.to(acc[n].dtype)
-                    acc[n].addcmul_(gr, gr)  # in place: no squared copy of the gradient
+                    a.add_(gr.to(a.dtype).square().to(a.device))
 
 
 @contextlib.contextmanager
@@ -155,6 +159,7 @@ class _Engine:
     def __init__(self, model: nn.Module, params, acc, linear_kernel: str, chunk_elems: int):
         self.model = model
         self.acc = acc
+        self.staged = _needs_staging(params, acc)
         self.ctx = {dt: Context(dt, linear_kernel, chunk_elems) for dt in (torch.float32, torch.float64)}
         self.active = False
         self.batch_size = 0
@@ -266,9 +271,8 @@ class _Engine:
         if call.rule.exact_batched:
             call.check_unmodified()
             with torch.no_grad():
-                call.rule.accumulate(
-                    call.module, call.args, call.kwargs, g, call.lengths, self._acc_of(call), self._ctx_of(call)
-                )
+                self._into_acc(call, lambda acc, ctx: call.rule.accumulate(
+                    call.module, call.args, call.kwargs, g, call.lengths, acc, ctx))
         else:
             call.grads[slot] = g if call.grads[slot] is None else call.grads[slot] + g
 
@@ -276,8 +280,21 @@ class _Engine:
         own = self.owned[call.module][2]
         return {pn: self.acc[full] for pn, full in own.items()}
 
-    def _ctx_of(self, call: _Call) -> Context:
-        return self.ctx[next(iter(self._acc_of(call).values())).dtype]
+    def _into_acc(self, call: _Call, run) -> None:
+        """run(acc, ctx) adds this call's Σₙ Gₙ² into its parameters' accumulators. Scores kept off
+        the parameters' device (``scores_device`` / ``scores_file``) are reached through a scratch
+        accumulator on that device, one module's parameters at a time, added in and dropped: the
+        pass holds at most one layer's scores on the GPU."""
+        acc = self._acc_of(call)
+        ctx = self.ctx[next(iter(acc.values())).dtype]
+        if not self.staged:
+            run(acc, ctx)
+            return
+        scratch = {pn: torch.zeros(a.shape, dtype=a.dtype, device=getattr(call.module, pn).device)
+                   for pn, a in acc.items()}
+        run(scratch, ctx)
+        for pn, a in acc.items():
+            a.add_(scratch[pn].to(a.device))
 
     def _finish_generic(self):
         for call in self.calls:
@@ -287,10 +304,8 @@ class _Engine:
             call.check_unmodified()
             self.active = False  # the functional re-run must not be captured
             with torch.no_grad():
-                call.rule.accumulate_multi(
-                    call.module, call.args, call.kwargs, call.grads, call.outs, self.batch_size,
-                    self._acc_of(call), self._ctx_of(call),
-                )
+                self._into_acc(call, lambda acc, ctx: call.rule.accumulate_multi(
+                    call.module, call.args, call.kwargs, call.grads, call.outs, self.batch_size, acc, ctx))
             call.grads = [None] * len(call.grads)
 
     def run_batch(self, b: Batch, kind, loss_fn, use_lengths: bool | None = None, lm: CausalLM | None = None):
@@ -492,6 +507,8 @@ def estimate_fisher(
     self_check: bool = True,
     causal_lm: bool | None = None,
     lm_samples: int = 1,
+    scores_device: str | torch.device | None = None,
+    scores_file: str | os.PathLike | None = None,
 ) -> FisherResult:
     """Diagonal Fisher scores of every trainable parameter over the first `num_samples` samples.
 
@@ -529,6 +546,14 @@ def estimate_fisher(
         (``*ForCausalLM``, ``*LMHeadModel``), False otherwise. Not with a custom loss_fn.
     lm_samples: for kind='true' on a causal LM, the targets drawn from the model's own distribution
         per token (teacher forcing; seeded by ``seed``); the score is the mean over the draws.
+    scores_device: where the scores live; None: with each parameter. ``"cpu"`` for CUDA parameters
+        keeps them in pinned host memory (8B parameters are 32 GB of fp32 scores): each layer's
+        Σₙ Gₙ² is formed in a scratch buffer on the GPU as backward reaches it and added in, so the
+        pass needs at most one layer's scores on the GPU beyond the model's own memory (one
+        device-to-host copy, synchronous, per layer and batch).
+    scores_file: a path that must not exist: the scores are a memory-mapped float32 file there
+        (created, zero-filled; on the CPU as ``scores_device="cpu"``), for scores larger than host
+        memory. The returned tensors are views of the file; it stays on disk after the call.
 
     The model is in eval mode during the estimate and restored afterwards; parameters' `.grad` and
     `requires_grad` are left as they were, and no hook or reference to the model, its inputs or its
@@ -547,7 +572,7 @@ def estimate_fisher(
     if not params:
         raise ValueError("the model has no trainable parameters (requires_grad=True)")
     device = params[0][1].device
-    acc = {n: torch.zeros(p.shape, dtype=_acc_dtype(p), device=p.device) for n, p in params}
+    acc = _allocate_scores(params, scores_device, scores_file)
     # implementation -> how the sequence-Linear rule runs fishkern::linear_fisher_acc_ (rules.Context)
     # and what FisherResult.implementation reports.
     from ..ops.triton_support import triton_usable_on
@@ -634,6 +659,40 @@ def estimate_fisher(
         fallback_reason=fallback,
         generic_modules=list(engine.generic) if engine is not None else [],
     )
+
+
+def _needs_staging(params, acc) -> bool:
+    """Whether some scores live off their parameter's device (reached through a scratch buffer)."""
+    return any(a.device != p.device for (_, p), a in zip(params, acc.values()))
+
+
+def _allocate_scores(params, scores_device, scores_file) -> dict[str, Tensor]:
+    """Zeroed accumulators: with each parameter, on ``scores_device`` (pinned when that is the CPU
+    and parameters are on CUDA), or as views of a new memory-mapped float32 file."""
+    if scores_file is None and scores_device is None:
+        return {n: torch.zeros(p.shape, dtype=_acc_dtype(p), device=p.device) for n, p in params}
+    try:
+        target = torch.device(scores_device) if scores_device is not None else torch.device("cpu")
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"scores_device must name a device ('cpu', 'cuda:0', …), got {scores_device!r}") from e
+    if scores_file is not None and target.type != "cpu":
+        raise ValueError(f"scores_file keeps the scores in host memory; scores_device={scores_device!r} contradicts it")
+    dtypes = {_acc_dtype(p) for _, p in params}
+    total = sum(p.numel() for _, p in params)
+    if scores_file is not None:
+        if dtypes != {torch.float32}:
+            raise ValueError("scores_file holds float32 scores; float64 parameters need scores_file=None")
+        path = os.fspath(scores_file)
+        if os.path.exists(path):
+            raise FileExistsError(f"scores_file {path!r} exists; fishkern never overwrites a file: remove it or pick another")
+        flat = torch.from_file(path, shared=True, size=total, dtype=torch.float32)  # created zero-filled
+        views, offset = {}, 0
+        for n, p in params:
+            views[n] = flat[offset:offset + p.numel()].view(p.shape)
+            offset += p.numel()
+        return views
+    pin = target.type == "cpu" and any(p.device.type == "cuda" for _, p in params)
+    return {n: torch.zeros(p.shape, dtype=_acc_dtype(p), device=target, pin_memory=pin) for n, p in params}
 
 
 def _warn_fallback(reason: str) -> None:

@@ -24,11 +24,12 @@ def model_scores(model: nn.Module, result: FisherResult) -> tuple[dict[str, torc
     """The score of every parameter of ``model`` for the top-k (fp32; zeros for the parameters the
     estimate skipped: the frozen ones), and the names of those skipped parameters (to exclude)."""
     scores, frozen = {}, []
+    where = next(iter(result.scores.values())).device  # the scores may live off the model (scores_device)
     for name, p in model.named_parameters():
         if name in result.scores:
             scores[name] = result.scores[name].float()  # the top-k ranks fp32 scores
         else:
-            scores[name] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+            scores[name] = torch.zeros(p.shape, dtype=torch.float32, device=where)
             frozen.append(name)
     return scores, frozen
 
