@@ -31,6 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as C  # noqa: E402
 
 from fishkern.fisher import clear_self_check_cache, estimate_fisher  # noqa: E402
+from fishkern.reporting import MachineLoad  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -93,15 +94,29 @@ def bench_variant(tied: bool, args, device) -> dict:
     run_method("fishkern-nocheck", model, batches[:1], args.batch)
     floor(model, batches[:1])
     out = {"tied": tied, "params": params, "n": args.n, "loop_n": loop_n, "methods": {}}
-    for method in ("floor", "fishkern", "fishkern-nocheck", "loop"):
-        n, data = (loop_n, loop_batches) if method == "loop" else (args.n, batches)
-        reps = args.slow_reps if method == "loop" else args.reps
-        times = time_one(lambda: run_method(method, model, data, n), device, reps)
+    methods = ("floor", "fishkern", "fishkern-nocheck", "loop")
+    times = {m: [] for m in methods}
+    lost = {m: [] for m in methods}
+    # Interleaved (one call of each method per round): a shared machine's load drifts, and each
+    # method then sees the same drift.
+    for rnd in range(max(args.reps, args.slow_reps)):
+        for method in methods:
+            if rnd >= (args.slow_reps if method == "loop" else args.reps):
+                continue
+            n, data = (loop_n, loop_batches) if method == "loop" else (args.n, batches)
+            with MachineLoad() as load:
+                times[method] += time_one(lambda: run_method(method, model, data, n), device, 1)
+            inter = load.result or {}
+            lost[method].append((inter.get("steal_s", 0) + inter.get("other_cpu_s", 0)) / max(inter.get("wall_s", 1), 1e-9))
+            C.log(f"  round {rnd + 1} {method}: {times[method][-1] * args.n / n:.2f} s for N={args.n}"
+                  + (f" (measured on {n}, scaled)" if n != args.n else "")
+                  + f"; other processes + hypervisor steal: {lost[method][-1]:.2f} cores")
+    for method in methods:
+        n = loop_n if method == "loop" else args.n
         scale = args.n / n
-        out["methods"][method] = {"times_s": times, "median_s": statistics.median(times) * scale,
-                                  "min_s": min(times) * scale, "measured_n": n}
-        C.log(f"  {method}: {statistics.median(times) * scale:.2f} s for N={args.n}"
-              + (f" (measured on {n}, scaled)" if n != args.n else ""))
+        out["methods"][method] = {"times_s": times[method], "median_s": statistics.median(times[method]) * scale,
+                                  "min_s": min(times[method]) * scale, "measured_n": n,
+                                  "cores_lost": statistics.mean(lost[method]), "cores_lost_per_call": lost[method]}
     ref = run_method("loop", model, loop_batches, loop_n)
     got = run_method("fishkern", model, loop_batches, loop_n)
     out["max_rel_error_vs_loop"] = max_rel_error(got, ref)
@@ -175,7 +190,8 @@ def render(report: dict) -> str:
              f"- command: `{report['command']}`; {report['timestamp']}",
              f"- model: {report['model']}", f"- data: {report['data']}", ""]
     header = ["head", "params", "floor (fwd+bwd)", "fishkern", "fishkern, no self-check", "batch-1 loop",
-              "fishkern / floor", "loop / fishkern", "self-check share", "max rel. error vs loop"]
+              "fishkern / floor", "loop / fishkern", "self-check share", "max rel. error vs loop",
+              "cores lost (floor / fk / nocheck / loop)"]
     rows = []
     for v in report["variants"]:
         m, r = v["methods"], v["ratios"]
@@ -184,9 +200,12 @@ def render(report: dict) -> str:
                      f"{m['fishkern-nocheck']['median_s']:.2f} s",
                      f"{m['loop']['median_s']:.2f} s (on {v['loop_n']}, ×{v['n'] // v['loop_n']})",
                      f"{r['fishkern/floor']:.2f}", f"{r['loop/fishkern']:.2f}", f"{r['self-check share']:+.0%}",
-                     f"{v['max_rel_error_vs_loop']:.1e}"])
+                     f"{v['max_rel_error_vs_loop']:.1e}",
+                     " / ".join(f"{m[k].get('cores_lost', 0):.2f}" for k in ("floor", "fishkern", "fishkern-nocheck", "loop"))])
     lines += [f"## Time for N = {report['variants'][0]['n']} sequences (median of {report['reps']}; loop: {report['slow_reps']})",
-              "", C.md_table(header, rows), ""]
+              "", C.md_table(header, rows), "",
+              "Cores lost: CPU time of other processes plus hypervisor steal during that method's timed calls, "
+              "per second of wall time (this machine is shared: compare ratios of rows measured alike).", ""]
     if report.get("memory"):
         mrows = [["tied" if r["tied"] else "untied", WHERE[r["where"]], C.fmt_bytes(r["peak_above_model_bytes"]),
                   f"{r['seconds']:.2f} s"] for r in report["memory"]]

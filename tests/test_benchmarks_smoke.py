@@ -182,3 +182,28 @@ def test_backpack_scores_match_fishkern_where_installed(bench, monkeypatch):
     assert set(got) == set(ref)
     for k in ref:
         torch.testing.assert_close(got[k], ref[k], rtol=1e-4, atol=1e-6 * float(ref[k].max()))
+
+
+def test_lm_fisher_benchmark_on_a_tiny_run(bench, monkeypatch):
+    """bench_fisher_lm.py end to end at toy sizes (2 sequences of 8 tokens, no memory children):
+    every method runs, fishkern matches the loop, the table renders. No timings are asserted."""
+    import bench_fisher_lm as B
+
+    import transformers as tr
+
+    real = tr.LlamaConfig
+
+    def small(**kw):  # the benchmark's shape, shrunk: what is tested is the plumbing
+        kw.update(vocab_size=64, hidden_size=16, intermediate_size=24, num_attention_heads=2, num_key_value_heads=1)
+        return real(**kw)
+
+    monkeypatch.setattr(tr, "LlamaConfig", small)
+    report = B.main(["--quick", "--n", "2", "--batch", "2", "--tokens", "8", "--loop-samples", "2", "--reps", "1",
+                     "--skip-memory"])
+    assert [v["tied"] for v in report["variants"]] == [False, True]
+    for v in report["variants"]:
+        assert set(v["methods"]) == {"floor", "fishkern", "fishkern-nocheck", "loop"}
+        assert v["max_rel_error_vs_loop"] < 1e-4
+        assert all(r > 0 for k, r in v["ratios"].items() if k != "self-check share")
+    md = B.render(report)
+    assert "| untied |" in md and "| tied |" in md and "fishkern / floor" in md

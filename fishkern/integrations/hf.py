@@ -1,4 +1,5 @@
-"""Hugging Face integration: FISH fine-tuning of any AutoModelForSequenceClassification.
+"""Hugging Face integration: FISH fine-tuning of any AutoModelForSequenceClassification, and of
+causal LMs (AutoModelForCausalLM: Llama, Qwen2, Mistral, Gemma, GPT-2, …; no head forced in).
 
 Two ways in:
 
@@ -7,6 +8,7 @@ Two ways in:
   scheduler, logging, evaluation and checkpoint machinery stay the Trainer's. Gradient clipping
   (`max_grad_norm`) is applied to the trained entries only, as if the model were only those.
   Its checkpoints are sparse (see "Checkpoints" below) and training resumes from them bit-identically.
+- `fish_trainer_class(Base)`: the same for any Trainer subclass (TRL's `SFTTrainer`, …).
 - In a hand-written loop: `fish_mask_for(model, batches, density, num_samples)` gives the mask;
   `fishkern.MaskedAdamW(model.named_parameters(), mask, ...)` trains it; `opt.clip_grad_norm_` clips.
 
@@ -96,7 +98,8 @@ def fish_mask_for(
     **fisher_kwargs,
 ) -> FishMask:
     """The paper's mask for a sequence classifier: Fisher scores over `num_samples` training samples
-    (HF-style batches with "labels"), the classification head forced in, k = ⌊density × all⌋."""
+    (HF-style batches with "labels"), the classification head forced in, k = ⌊density × all⌋. For a
+    causal LM: its per-sequence next-token loss, and no head forced in unless `head` names one."""
     return fisher_mask(model, batches, density, num_samples, force=head_names(model, head), **fisher_kwargs)
 
 
