@@ -190,7 +190,7 @@ def render(report: dict) -> str:
              f"- command: `{report['command']}`; {report['timestamp']}",
              f"- model: {report['model']}", f"- data: {report['data']}", ""]
     header = ["head", "params", "floor (fwd+bwd)", "fishkern", "fishkern, no self-check", "batch-1 loop",
-              "fishkern / floor", "loop / fishkern", "self-check share", "max rel. error vs loop",
+              "fishkern / floor (min)", "loop / fishkern (min)", "self-check share (min)", "max rel. error vs loop",
               "cores lost (floor / fk / nocheck / loop)"]
     rows = []
     for v in report["variants"]:
@@ -199,10 +199,13 @@ def render(report: dict) -> str:
                      f"{m['floor']['median_s']:.2f} s", f"{m['fishkern']['median_s']:.2f} s",
                      f"{m['fishkern-nocheck']['median_s']:.2f} s",
                      f"{m['loop']['median_s']:.2f} s (on {v['loop_n']}, ×{v['n'] // v['loop_n']})",
-                     f"{r['fishkern/floor']:.2f}", f"{r['loop/fishkern']:.2f}", f"{r['self-check share']:+.0%}",
+                     f"{r['fishkern/floor']:.2f} ({m['fishkern']['min_s'] / m['floor']['min_s']:.2f})",
+                     f"{r['loop/fishkern']:.2f} ({m['loop']['min_s'] / m['fishkern']['min_s']:.2f})",
+                     f"{r['self-check share']:+.0%} ({m['fishkern']['min_s'] / m['fishkern-nocheck']['min_s'] - 1:+.0%})",
                      f"{v['max_rel_error_vs_loop']:.1e}",
                      " / ".join(f"{m[k].get('cores_lost', 0):.2f}" for k in ("floor", "fishkern", "fishkern-nocheck", "loop"))])
-    lines += [f"## Time for N = {report['variants'][0]['n']} sequences (median of {report['reps']}; loop: {report['slow_reps']})",
+    lines += [f"## Time for N = {report['variants'][0]['n']} sequences (median of {report['reps']}, ratios of medians and, "
+              f"in parentheses, of the fastest calls; loop: {report['slow_reps']} calls)",
               "", C.md_table(header, rows), "",
               "Cores lost: CPU time of other processes plus hypervisor steal during that method's timed calls, "
               "per second of wall time (this machine is shared: compare ratios of rows measured alike).", ""]
