@@ -217,3 +217,34 @@ def test_bf16_models_stay_batched(family):
     got = batched_without_fallback(model, data, 8)
     assert all(v.dtype == torch.float32 for v in got.scores.values())
     assert_scores_close(got.scores, fisher_reference(model, data, 8, progress=False), 5e-2)
+
+
+# Config class -> extra arguments. What they add: q/k RMSNorms over heads (Qwen3, OLMo-2), Gemma 2/3's
+# extra norms and soft-capping, Phi-3's fused qkv and gate-up projections, OLMo's parameter-free norm.
+MORE_FAMILIES = {
+    "Qwen3Config": dict(head_dim=16, tie_word_embeddings=True),
+    "Gemma2Config": dict(head_dim=16),
+    "Gemma3TextConfig": dict(head_dim=16),
+    "Phi3Config": dict(pad_token_id=0),
+    "OlmoConfig": {},
+    "Olmo2Config": {},
+}
+
+
+@pytest.mark.parametrize("config_name", sorted(MORE_FAMILIES))
+def test_more_decoder_families_are_exact_and_batched(config_name):
+    import transformers as tr
+
+    cls = getattr(tr, config_name, None)
+    if cls is None:
+        pytest.skip(f"transformers {tr.__version__} has no {config_name}")
+    cfg = cls(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=64, **MORE_FAMILIES[config_name])
+    torch.manual_seed(0)
+    model = tr.AutoModelForCausalLM.from_config(cfg).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    data = lm_batches()
+    got = batched_without_fallback(model, data, 8)
+    assert_scores_close(got.scores, fisher_reference(model, data, 8, progress=False), 1e-10)
