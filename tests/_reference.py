@@ -1,5 +1,5 @@
-"""References for the masked optimizers: torch.optim run on a model whose only parameters are
-the selected entries."""
+"""References for the tests: for the masked optimizers, torch.optim run on a model whose only
+parameters are the selected entries; for the Fisher estimator, the comparison of score dicts."""
 from __future__ import annotations
 
 import torch
@@ -52,3 +52,20 @@ def random_grads(params, seed, none_every=None, step=0, dtype=None):
             gr = None
         grads.append(gr)
     return grads
+
+
+def assert_scores_close(got, ref, rtol, *, zero_tensors_allowed=True):
+    """Every score tensor within rtol of the reference, relative to its largest entry (a near-zero
+    entry is judged against its tensor's scale, a tensor with no score against 1e-8 of the largest
+    score of all). ``zero_tensors_allowed=False``: a reference tensor that is all zero is an error
+    (it would test nothing)."""
+    assert list(got) == list(ref)
+    top = max(v.abs().max().item() for v in ref.values())
+    assert top > 0
+    for name in ref:
+        a, b = got[name], ref[name]
+        assert a.shape == b.shape and a.dtype == b.dtype, name
+        assert zero_tensors_allowed or b.abs().max() > 0, f"{name}: a zero reference tests nothing"
+        scale = max(b.abs().max().item(), 1e-8 * top)
+        err = (a - b).abs().max().item() / scale
+        assert err <= rtol, f"{name}: relative error {err:.3g} > {rtol}"

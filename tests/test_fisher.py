@@ -17,21 +17,10 @@ from fishkern.fisher import estimate_fisher, fisher_mask, fisher_reference, fish
 from fishkern.fisher import rules as fisher_rules
 from fishkern.ops import linear_fisher
 
+from tests._reference import assert_scores_close
 from tests.conftest import requires_triton
 
 transformers = pytest.importorskip("transformers")
-
-
-def assert_scores_close(got, ref, rtol):
-    assert list(got) == list(ref)
-    top = max(v.abs().max().item() for v in ref.values())
-    assert top > 0
-    for name in ref:
-        a, b = got[name], ref[name]
-        assert a.shape == b.shape and a.dtype == b.dtype, name
-        scale = max(b.abs().max().item(), 1e-8 * top)
-        err = (a - b).abs().max().item() / scale
-        assert err <= rtol, f"{name}: relative error {err:.3g} > {rtol}"
 
 
 def tiny_bert(num_labels=3, dtype=torch.float64, seed=0):
