@@ -248,3 +248,13 @@ def test_more_decoder_families_are_exact_and_batched(config_name):
     data = lm_batches()
     got = batched_without_fallback(model, data, 8)
     assert_scores_close(got.scores, fisher_reference(model, data, 8, progress=False), 1e-10)
+
+
+def test_an_unseeded_empirical_pass_leaves_the_callers_rng_alone():
+    model = tiny_lm("llama")
+    data = lm_batches(n_batches=1)
+    torch.manual_seed(123)
+    estimate_fisher(model, data, 4, seed=None, progress=False)
+    after = torch.rand(3)
+    torch.manual_seed(123)
+    assert torch.equal(after, torch.rand(3))

@@ -566,8 +566,10 @@ def estimate_fisher(
         raise ValueError("causal_lm=True sets the loss; it cannot be combined with a custom loss_fn")
     lm = None
     if loss_fn is None and (is_causal_lm(model) if causal_lm is None else causal_lm):
-        # kind='true' draws targets: seeded by `seed` (None: a seed from the caller's RNG)
-        lm = CausalLM(lm_samples, seed=seed if seed is not None else int(torch.randint(1 << 62, ()).item()))
+        # kind='true' draws targets, seeded by `seed`; seed=None takes one seed from the caller's RNG
+        # (only then: the empirical Fisher leaves the caller's RNG as it was)
+        draw_seed = seed if seed is not None or kind != "true" else int(torch.randint(1 << 62, ()).item())
+        lm = CausalLM(lm_samples, seed=draw_seed or 0)
     params = _trainable(model)
     if not params:
         raise ValueError("the model has no trainable parameters (requires_grad=True)")
