@@ -12,6 +12,11 @@ op                         what it does                                     kern
 ``conv2d_fisher_acc_``     a Conv2d (and Conv1d) weight's diagonal Fisher   default (grouped conv /
                            over a batch (``conv_fisher.py``)                unfold+GEMM, per layer),
                                                                             CUDA (Triton)
+``sampled_matmul``         a weight gradient at the masked entries only     default (gathered torch),
+                           (aᵀ·b sampled, SDDMM; ``sampled_matmul.py``)     CPU (C++, tiled), CUDA
+                                                                            (Triton)
+``sampled_embedding_grad`` an embedding's gradient at the masked entries   default (torch, rows of
+                           of the batch's rows (``sampled_embedding.py``)   the batch only)
 ``gather_masked``,         the masked entries of many tensors to / from a   default (per tensor),
 ``scatter_masked_``        flat buffer (``masked_copy.py``)                 CPU (C++, threaded)
 ``masked_adamw_step_``,    one optimizer step of a run of tensors           default (vectorised torch),
@@ -32,6 +37,8 @@ OP_MODULES = (
     "fishkern.topk.ops",
     "fishkern.ops.linear_fisher",
     "fishkern.ops.conv_fisher",
+    "fishkern.ops.sampled_matmul",
+    "fishkern.ops.sampled_embedding",
     "fishkern.ops.masked_copy",
     "fishkern.ops.masked_step",
 )

@@ -210,6 +210,16 @@ def _unscale(func, args, kwargs):
     func([g._k_values if isinstance(g, MaskedGrad) else g for g in grads], *rest, **kwargs)
 
 
+def _add(func, args, kwargs):
+    """``a + b`` of two gradients over the same entries (autograd summing the gradients of a weight
+    used twice, e.g. a tied embedding and LM head under sparse backward): O(k), still a MaskedGrad."""
+    a, b = args[0], args[1] if len(args) > 1 else kwargs.get("other")
+    if not (isinstance(a, MaskedGrad) and isinstance(b, MaskedGrad) and a.dtype == b.dtype and a._same_entries(b)):
+        return NotImplemented
+    alpha = args[2] if len(args) > 2 else kwargs.get("alpha", 1)
+    return a._alike(torch.add(a._k_values, b._k_values, alpha=alpha))
+
+
 def _detach(func, args, kwargs):
     self = args[0]
     return self._alike(self._k_values) if isinstance(self, MaskedGrad) else NotImplemented
@@ -269,6 +279,7 @@ _FAST = {
     aten.linalg_vector_norm: _vector_norm,
     aten._foreach_norm: _foreach_norm,
     aten._amp_foreach_non_finite_check_and_unscale_: _unscale,
+    aten.add: _add,
     aten.detach: _detach,
     aten.detach_: _detach_,
     aten.zero_: _zero_,

@@ -27,6 +27,13 @@ class GradientsMixin:
             )
         if grad.shape != p.shape:
             raise RuntimeError(f"gradient of shape {tuple(grad.shape)} for a parameter of shape {tuple(p.shape)}")
+        if isinstance(grad, MaskedGrad) and grad._k_rows is layout.indices[i]:
+            # sparse backward's gradient: the k values already, in the optimizer's entry order
+            if accumulate:
+                out.add_(grad._k_values)
+            else:
+                out.copy_(grad._k_values)
+            return
         if grad.stride() == p.stride():  # same shape and strides as the dense parameter: dense too
             src, idx = flat_memory_view(grad), layout.mem_indices[i]
         else:

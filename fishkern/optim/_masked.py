@@ -29,6 +29,8 @@ from ._clip import ClipMixin
 from ._grads import GradientsMixin
 from ._layout import GroupLayout, build_group_layout, check_mask_indices, flat_memory_view
 from ._sharded import is_dtensor, local_tensor, shard_info
+from .sparse_backward import SparseBackward
+from .sparse_backward import install as install_sparse_backward
 
 IMPLEMENTATIONS = ("auto", "torch", "triton")
 
@@ -143,7 +145,18 @@ class MaskedOptimizer(GradientsMixin, ClipMixin, CheckpointMixin, torch.optim.Op
         master_weights: bool,
         implementation: str,
         capturable: bool = False,
+        sparse_backward: bool | str = "auto",
     ):
+        if sparse_backward not in (True, False, "auto"):
+            raise ValueError(f"sparse_backward must be True, False or 'auto', got {sparse_backward!r}")
+        model = params if isinstance(params, torch.nn.Module) else None
+        if model is not None:
+            params = list(model.named_parameters())
+        elif sparse_backward is True:
+            raise ValueError(
+                "sparse_backward=True patches the model's layers, so it needs the model: pass the model itself as "
+                "params (MaskedAdamW(model, mask, ...)), or call opt.enable_sparse_backward(model) after construction"
+            )
         if implementation not in IMPLEMENTATIONS:
             raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
         if implementation == "triton" and not triton_supported():
@@ -176,6 +189,43 @@ class MaskedOptimizer(GradientsMixin, ClipMixin, CheckpointMixin, torch.optim.Op
                 "it must hold exactly one index tensor per parameter, in order"
             )
         self._pending_masks = None
+        self.sparse_backward: SparseBackward | None = None
+        if model is not None and sparse_backward:
+            self.enable_sparse_backward(model, strict=sparse_backward is True)
+
+    # ------------------------------------------------------------------ sparse backward
+    def enable_sparse_backward(self, model: torch.nn.Module, *, dense_above: float | None = None,
+                               strict: bool = True) -> SparseBackward:
+        """Make ``model``'s Linear / Conv1D / Embedding layers whose weights this optimizer trains
+        compute their weight gradients at the masked entries only (``fishkern.optim.sparse_backward``).
+        Turns on ``free_dense_grads``: the k gradient values go into the optimizer's buffer and
+        ``.grad`` holds a ``MaskedGrad``; parameters with no masked entry are frozen.
+
+        ``dense_above``: density (k / entries) above which a layer forms its dense weight gradient
+        in a temporary and gathers (default per device, ``sparse_backward.DENSE_ABOVE``).
+        ``strict=False`` leaves layers that cannot take it dense instead of raising. Returns the
+        handle, also kept as ``opt.sparse_backward`` (``.layers()`` lists the patched layers)."""
+        if self.sparse_backward is not None and self.sparse_backward.active:
+            raise RuntimeError("sparse backward is already on for this optimizer; call disable_sparse_backward() first")
+        handle = install_sparse_backward(self, model, dense_above=dense_above, strict=strict)
+        if handle.layers() and not (self.free_dense_grads and self._hooks):
+            self.free_dense_grads = True
+            try:
+                for gi in range(len(self._layouts)):
+                    self._register_grad_hooks(gi)
+            except BaseException:
+                handle.remove()
+                self.remove_grad_hooks()
+                raise
+        self.sparse_backward = handle
+        return handle
+
+    def disable_sparse_backward(self) -> None:
+        """Give every patched layer back its own forward (torch's dense backward). ``free_dense_grads``
+        stays on (``remove_grad_hooks()`` turns it off)."""
+        if self.sparse_backward is not None:
+            self.sparse_backward.remove()
+            self.sparse_backward = None
 
     def __getstate__(self):
         # torch's Optimizer pickles only defaults/state/param_groups: the copy would have no masks,

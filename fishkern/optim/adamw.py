@@ -24,7 +24,8 @@ class MaskedAdamW(MaskedOptimizer):
 
     Args:
         params: parameters or param groups, as for any ``torch.optim`` optimizer. A param group
-            may carry its own ``"mask_indices"`` (one tensor per parameter of the group).
+            may carry its own ``"mask_indices"`` (one tensor per parameter of the group). Or the
+            model itself (an ``nn.Module``): its ``named_parameters()``, and sparse backward on.
         mask_indices: one 1-D integer tensor of flat (row-major) indices per parameter, aligned with
             all parameters in order (across groups). Unsorted indices are sorted; duplicates,
             negative or out-of-range indices are refused. An empty tensor freezes its parameter.
@@ -55,6 +56,12 @@ class MaskedAdamW(MaskedOptimizer):
             ``zero_grad(set_to_none=False)``. A changed parameter address (``p.data = ...``) needs a new
             capture. Bias corrections are then computed in fp32 on the device (to rounding of the
             host-scalar step).
+        sparse_backward: ``"auto"`` (default): when ``params`` is the model, its Linear / Conv1D /
+            Embedding layers compute their weight gradients at the masked entries only
+            (``fishkern.optim.sparse_backward``; no dense weight gradient, implies
+            ``free_dense_grads=True``), except under DistributedDataParallel; with plain parameters
+            nothing changes (``enable_sparse_backward(model)`` turns it on later). ``True``: the
+            same, refusing what cannot work; needs the model. ``False``: torch's dense backward.
     """
 
     def __init__(
@@ -72,6 +79,7 @@ class MaskedAdamW(MaskedOptimizer):
         master_weights: bool = False,
         implementation: str = "auto",
         capturable: bool = False,
+        sparse_backward: bool | str = "auto",
     ):
         _check_hyper(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize)
@@ -83,6 +91,7 @@ class MaskedAdamW(MaskedOptimizer):
             master_weights=master_weights,
             implementation=implementation,
             capturable=capturable,
+            sparse_backward=sparse_backward,
         )
 
     def _state_buffer_names(self, group: dict[str, Any]) -> list[str]:

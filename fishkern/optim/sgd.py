@@ -19,7 +19,7 @@ class MaskedSGD(MaskedOptimizer):
     weight decay and momentum act on those entries alone, every other entry stays bit-identical.
     The momentum buffer holds k_i fp32 entries per parameter (none when momentum is 0).
 
-    Args: as ``MaskedAdamW`` for ``params``, ``mask_indices``, ``free_dense_grads``,
+    Args: as ``MaskedAdamW`` for ``params``, ``mask_indices``, ``free_dense_grads``, ``sparse_backward``,
     ``master_weights``, ``implementation`` and ``capturable`` (a tensor ``lr`` read on the device;
     capture after the first step, which initialises the momentum buffer); ``lr``, ``momentum``, ``dampening``,
     ``weight_decay``, ``nesterov``, ``maximize`` as ``torch.optim.SGD`` (same defaults).
@@ -40,6 +40,7 @@ class MaskedSGD(MaskedOptimizer):
         master_weights: bool = False,
         implementation: str = "auto",
         capturable: bool = False,
+        sparse_backward: bool | str = "auto",
     ):
         if isinstance(lr, Tensor) and lr.numel() != 1:
             raise ValueError("a tensor lr must have one element")
@@ -62,6 +63,7 @@ class MaskedSGD(MaskedOptimizer):
             master_weights=master_weights,
             implementation=implementation,
             capturable=capturable,
+            sparse_backward=sparse_backward,
         )
 
     def _state_buffer_names(self, group: dict[str, Any]) -> list[str]:
