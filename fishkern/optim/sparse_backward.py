@@ -75,6 +75,10 @@ class _Layer:
     dense: bool  # dense-then-gather instead of the sampled kernel
     k: int
 
+    def __deepcopy__(self, memo):
+        # a deep copy of a patched model has no optimizer: its layers run their plain forward
+        return None
+
     @property
     def density(self) -> float:
         return self.k / max(1, self.weight.numel())
@@ -243,7 +247,8 @@ def _unpatch(layers: list[_Layer]) -> None:
     for l in layers:
         if l.module.__dict__.get(_ATTR) is l:
             del l.module.__dict__[_ATTR]
-            l.module.__dict__.pop("forward", None)
+            if _ours(l.module.__dict__.get("forward")):
+                del l.module.__dict__["forward"]
 
 
 def _is_ddp(model: nn.Module) -> bool:
@@ -292,7 +297,7 @@ def install(optimizer, model: nn.Module, *, dense_above: float | None = None, st
                     "can feed one masked optimizer (call disable_sparse_backward() on the other one first)"
                 )
             continue
-        if "forward" in module.__dict__:
+        if "forward" in module.__dict__ and not _ours(module.__dict__["forward"]):
             if strict:
                 raise RuntimeError(
                     f"layer {name!r} has its forward replaced on the instance (by another library?); sparse backward "
@@ -313,4 +318,9 @@ def install(optimizer, model: nn.Module, *, dense_above: float | None = None, st
 
 def patched_layers(model: nn.Module) -> Iterable[str]:
     """Names of the layers of ``model`` that compute their weight gradient sparsely now."""
-    return [n for n, m in model.named_modules() if _ATTR in m.__dict__]
+    return [n for n, m in model.named_modules() if m.__dict__.get(_ATTR) is not None]
+
+
+def _ours(forward) -> bool:
+    """An instance forward installed by this module (on this module or, deep-copied, on a copy)."""
+    return getattr(forward, "__func__", None) in _FORWARDS.values()
