@@ -52,6 +52,9 @@ class FinetuneConfig:
     head: Sequence[str] | str | None = None
     seed: int = 0
     free_dense_grads: bool = True  # masked methods: gather gradients during backward, free dense .grad
+    # masked methods: Linear / Embedding weight gradients computed at the masked entries only (one
+    # process; implies free_dense_grads). Off under data parallelism: DDP's reducer needs dense gradients
+    sparse_backward: bool = True
 
     def check(self) -> None:
         if self.method not in METHODS:
@@ -113,16 +116,19 @@ def select_mask(
                      kind=fisher_kind, progress=progress)
 
 
-def build_optimizer(model: nn.Module, mask: FishMask | None, config: FinetuneConfig) -> torch.optim.Optimizer:
-    """MaskedAdamW over the mask's entries; torch.optim.AdamW (fused on CUDA) for dense."""
+def build_optimizer(model: nn.Module, mask: FishMask | None, config: FinetuneConfig,
+                    sparse_backward: bool | None = None) -> torch.optim.Optimizer:
+    """MaskedAdamW over the mask's entries (with sparse backward when ``sparse_backward``, default
+    ``config.sparse_backward``); torch.optim.AdamW (fused on CUDA) for dense."""
     if mask is None:
         params = [p for p in model.parameters() if p.requires_grad]
         # torch's fastest AdamW where it has one (fused: CUDA, and CPU fp32/fp64 since torch 2.4)
         fused = all(p.is_cuda or (p.device.type == "cpu" and p.dtype in (torch.float32, torch.float64)) for p in params)
         return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, fused=fused or None)
+    sparse = config.sparse_backward if sparse_backward is None else sparse_backward
     return MaskedAdamW(
-        model.named_parameters(), mask, lr=config.lr, weight_decay=config.weight_decay,
-        free_dense_grads=config.free_dense_grads,
+        model if sparse else model.named_parameters(), mask, lr=config.lr, weight_decay=config.weight_decay,
+        free_dense_grads=config.free_dense_grads, sparse_backward="auto" if sparse else False,
     )
 
 
@@ -281,7 +287,7 @@ def finetune(
     optimizer = None
     try:
         with PeakMemory(device) as peak:
-            optimizer = build_optimizer(model, mask, config)
+            optimizer = build_optimizer(model, mask, config, sparse_backward=config.sparse_backward and world == 1)
             net = _wrap_data_parallel(model, mask) if world > 1 else model  # after the optimizer: k=0 frozen
             scheduler = linear_schedule(optimizer, steps_per_epoch * config.epochs, config.warmup_ratio)
             bar = progress_bar(total=steps_per_epoch * config.epochs, desc=desc or config.method, unit="step",
@@ -304,9 +310,11 @@ def finetune(
             state_bytes = sum(t.numel() * t.element_size() for s in optimizer.state.values()
                               for t in s.values() if torch.is_tensor(t) and t.dim() > 0)
     finally:
-        if isinstance(optimizer, MaskedAdamW) and config.free_dense_grads:
-            optimizer.zero_grad()
-            optimizer.remove_grad_hooks()  # the model gets its dense .grad behaviour back, also on error
+        if isinstance(optimizer, MaskedAdamW):
+            optimizer.disable_sparse_backward()  # the model's layers get their own forward back
+            if optimizer.free_dense_grads:
+                optimizer.zero_grad()
+                optimizer.remove_grad_hooks()  # the model gets its dense .grad behaviour back, also on error
     train_seconds = time.perf_counter() - t_start
     trainable = mask.k if mask is not None else sum(p.numel() for p in model.parameters() if p.requires_grad)
     skip = min(len(step_times) - 1, 3)  # warm-up steps
