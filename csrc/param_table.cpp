@@ -140,7 +140,9 @@ int64_t param_table_check(int64_t h, int64_t mode, at::Tensor out, bool commit) 
       if (!t->proxies[i].defined() || g.unsafeGetTensorImpl() != t->proxies[i].unsafeGetTensorImpl()) flags |= kGradOther;
       continue;
     }
-    if (g.layout() != c10::kStrided || g.scalar_type() != t->dtypes[i] || g.device() != t->devices[i] ||
+    // a Python tensor subclass (another optimizer's MaskedGrad, sparse backward's) has no memory of
+    // its own to read: the Python side handles it
+    if (g.key_set().has(c10::DispatchKey::Python) || g.layout() != c10::kStrided || g.scalar_type() != t->dtypes[i] || g.device() != t->devices[i] ||
         g.strides() != p.strides() || g.sizes() != p.sizes()) {
       flags |= kGradOther;
       continue;

@@ -21,7 +21,13 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
+
+#if defined(__GNUC__) && defined(__x86_64__)
+#include <immintrin.h>
+#define FISHKERN_AVX2_TRANSPOSE 1
+#endif
 
 namespace fishkern {
 namespace {
@@ -46,6 +52,37 @@ FISHKERN_CLONES acc_t dot(const acc_t* __restrict x, const acc_t* __restrict y, 
   return total;
 }
 
+#ifdef FISHKERN_AVX2_TRANSPOSE
+// dst[c * ds + t] = src[t * rs + c] for an 8 x 8 block of float32 (rows: tokens): the textbook
+// unpack / shuffle / permute transpose, about 4x the scalar copy's speed. Compiled for AVX2 whatever
+// the build's flags; only called when the CPU has AVX2 (checked once).
+__attribute__((target("avx2"))) void transpose8x8(const float* src, int64_t rs, float* dst, int64_t ds) {
+  __m256 r0 = _mm256_loadu_ps(src), r1 = _mm256_loadu_ps(src + rs), r2 = _mm256_loadu_ps(src + 2 * rs),
+         r3 = _mm256_loadu_ps(src + 3 * rs), r4 = _mm256_loadu_ps(src + 4 * rs), r5 = _mm256_loadu_ps(src + 5 * rs),
+         r6 = _mm256_loadu_ps(src + 6 * rs), r7 = _mm256_loadu_ps(src + 7 * rs);
+  __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1), t2 = _mm256_unpacklo_ps(r2, r3),
+         t3 = _mm256_unpackhi_ps(r2, r3), t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5),
+         t6 = _mm256_unpacklo_ps(r6, r7), t7 = _mm256_unpackhi_ps(r6, r7);
+  __m256 u0 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(1, 0, 1, 0)), u1 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(3, 2, 3, 2)),
+         u2 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(1, 0, 1, 0)), u3 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(3, 2, 3, 2)),
+         u4 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(1, 0, 1, 0)), u5 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(3, 2, 3, 2)),
+         u6 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(1, 0, 1, 0)), u7 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(3, 2, 3, 2));
+  _mm256_storeu_ps(dst, _mm256_permute2f128_ps(u0, u4, 0x20));
+  _mm256_storeu_ps(dst + ds, _mm256_permute2f128_ps(u1, u5, 0x20));
+  _mm256_storeu_ps(dst + 2 * ds, _mm256_permute2f128_ps(u2, u6, 0x20));
+  _mm256_storeu_ps(dst + 3 * ds, _mm256_permute2f128_ps(u3, u7, 0x20));
+  _mm256_storeu_ps(dst + 4 * ds, _mm256_permute2f128_ps(u0, u4, 0x31));
+  _mm256_storeu_ps(dst + 5 * ds, _mm256_permute2f128_ps(u1, u5, 0x31));
+  _mm256_storeu_ps(dst + 6 * ds, _mm256_permute2f128_ps(u2, u6, 0x31));
+  _mm256_storeu_ps(dst + 7 * ds, _mm256_permute2f128_ps(u3, u7, 0x31));
+}
+
+bool has_avx2() {
+  static const bool yes = __builtin_cpu_supports("avx2");
+  return yes;
+}
+#endif
+
 // Pack src [T, n] (any strides) into dst [tiles][n][tb]: dst[tile, j, t] = src[tile*tb + t, j],
 // zero-padded past T, for the columns j with used[j] only (the others are never read). Work items
 // are (tile, block of 64 columns); within one, 16 tokens at a time are read down the column block
@@ -64,7 +101,24 @@ void pack_tiles(const at::Tensor& src, acc_t* dst, int64_t T, int64_t n, int64_t
       for (int64_t t0 = 0; t0 < tb; t0 += kTok) {
         const int64_t tok0 = tile * tb + t0;
         const int64_t valid = std::max<int64_t>(0, std::min<int64_t>(kTok, T - tok0));
-        for (int64_t j = j0; j < j1; ++j) {
+        int64_t j = j0;
+#ifdef FISHKERN_AVX2_TRANSPOSE
+        if constexpr (std::is_same_v<src_t, float> && std::is_same_v<acc_t, float>) {
+          if (cs == 1 && valid == kTok && has_avx2()) {
+            // 8 x 8 blocks (all 16 tokens valid, columns contiguous); a block none of whose 8 columns
+            // is used is skipped, the others are packed whole (unused columns are never read)
+            for (; j + 8 <= j1; j += 8) {
+              bool any = false;
+              for (int64_t q = j; q < j + 8; ++q) any = any || used[q];
+              if (!any) continue;
+              const float* blk = s + tok0 * rs + j;
+              transpose8x8(blk, rs, out + j * tb + t0, tb);
+              transpose8x8(blk + 8 * rs, rs, out + j * tb + t0 + 8, tb);
+            }
+          }
+        }
+#endif
+        for (; j < j1; ++j) {
           if (!used[j]) continue;
           acc_t* o = out + j * tb + t0;
           const src_t* col = s + tok0 * rs + j * cs;

@@ -240,6 +240,36 @@ def train_epoch(model, batches, optimizer, scheduler, *, max_grad_norm=None, dev
     return total / max(1, n)
 
 
+def time_training_steps(model: nn.Module, batches: Iterable, mask: FishMask, config: FinetuneConfig, *,
+                        steps: int = 20, warmup: int = 3, sparse_backward: bool = True) -> float:
+    """Median ms of ``steps`` training steps (forward, backward, clip, optimizer step) of a masked
+    method after ``warmup`` untimed ones, with or without sparse backward, on the first batches of
+    ``batches``. The model trains during them: reload its weights afterwards."""
+    device = next(model.parameters()).device
+    times: list[float] = []
+    opt = build_optimizer(model, mask, config, sparse_backward=sparse_backward)
+    try:
+        clock = _StepClock(device, True)
+        for i, batch in zip(range(warmup + steps), batches):
+            if i >= warmup:
+                clock.mark(0)
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            model(**batch).loss.backward()
+            if i >= warmup:
+                clock.mark(1)
+            _clip(model, opt, config.max_grad_norm)
+            opt.step()
+            if i >= warmup:
+                clock.mark(2)
+            opt.zero_grad(set_to_none=True)
+        clock.read(times, [])
+    finally:
+        opt.disable_sparse_backward()
+        opt.zero_grad()
+        opt.remove_grad_hooks()
+    return 1e3 * statistics.median(times) if times else math.nan
+
+
 def finetune(
     model: nn.Module,
     train: Iterable,

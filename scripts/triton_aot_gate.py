@@ -2,7 +2,7 @@
 """Ahead-of-time compile gate for fishkern's Triton kernels: no GPU, no CUDA torch needed.
 
 fishkern's real host code (the MaskedAdamW / MaskedSGD step path, the launchers of the Triton kernels
-of ``fishkern::linear_fisher_acc_`` and ``fishkern::conv2d_fisher_acc_``) is driven on CPU tensors with ``JITFunction.run`` replaced: instead of
+of ``fishkern::linear_fisher_acc_``, ``fishkern::conv2d_fisher_acc_`` and ``fishkern::sampled_matmul``) is driven on CPU tensors with ``JITFunction.run`` replaced: instead of
 launching, it runs Triton's own argument binder, so each launch yields exactly the specialisation a
 GPU launch with those arguments would get (pointer dtypes, 16-byte alignment, ints equal to 1 or
 divisible by 16, constexprs, num_warps). Each distinct specialisation is then compiled with
@@ -527,7 +527,42 @@ def drive_conv_fisher(rec: Recorder, quick: bool) -> None:
         run("split", *resnet[-1][1:], dtype, splits=2)
 
 
-DRIVERS = {"optim": drive_optimizers, "fisher": drive_fisher, "conv_fisher": drive_conv_fisher}
+def drive_sampled_matmul(rec: Recorder, quick: bool) -> None:
+    """Sparse backward's SDDMM kernel through the op's CUDA kernel (``_cuda_kernel``: transposed
+    copies of the operands, then ``sampled_matmul_triton``), for BERT-large's Linear weight
+    gradients (G [T, OUT], X [T, IN]) and an odd shape, int32 and int64 indices, fp32 / bf16 / fp16;
+    and the kernel directly on row-major (untransposed) and sliced operands."""
+    import torch
+
+    from fishkern.ops import sampled_matmul as sm
+
+    sm.triton_usable_on = lambda device: True
+
+    def run(name, t, r, c, dtype, index_dtype=torch.int64, direct=False, sliced=False):
+        rec.start_case(f"sampled_matmul {str(dtype)[6:]} T={t} R={r} C={c} index={str(index_dtype)[6:]}"
+                       + (" direct" if direct else "") + (" sliced" if sliced else "") + (f" ({name})" if name else ""))
+        pad = 3 if sliced else 0
+        a = torch.zeros(t, r + pad, dtype=dtype)[:, pad:]
+        b = torch.zeros(t, c + pad, dtype=dtype)[:, pad:]
+        index = torch.arange(0, r * c, max(1, (r * c) // 97), dtype=index_dtype)
+        if direct:
+            sm.sampled_matmul_triton(a, b, index)
+        else:
+            sm._cuda_kernel(a, b, index)
+
+    half = [torch.bfloat16] if quick else [torch.bfloat16, torch.float16]
+    for dtype in [torch.float32, *half]:
+        run("BERT-large attention", 1024, 1024, 1024, dtype)
+        run("odd", 37, 9, 100, dtype, torch.int32)
+        run("row-major", 13, 7, 5, dtype, direct=True)
+        if not quick:
+            run("BERT-large FFN out", 1024, 1024, 4096, dtype, torch.int32)
+            run("T=1", 1, 768, 768, dtype)
+            run("", 37, 9, 100, dtype, direct=True, sliced=True)
+
+
+DRIVERS = {"optim": drive_optimizers, "fisher": drive_fisher, "conv_fisher": drive_conv_fisher,
+           "sampled_matmul": drive_sampled_matmul}
 
 
 # ----------------------------------------------------------------------------------- compile

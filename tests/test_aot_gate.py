@@ -32,6 +32,7 @@ KERNELS = {
     "fishkern.ops.sgd_triton:_masked_sgd_kernel",
     "fishkern.ops.linear_fisher_triton:_linear_fisher_kernel",
     "fishkern.ops.conv_fisher_triton:_conv_fisher_kernel",
+    "fishkern.ops.sampled_matmul_triton:_sampled_matmul_kernel",
 }
 
 

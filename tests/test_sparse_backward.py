@@ -277,6 +277,8 @@ def test_a_second_optimizer_over_the_same_layers_is_refused():
     opt = fishkern.MaskedAdamW(model, masks, lr=1e-3)
     with pytest.raises(RuntimeError, match="already computes its weight gradient sparsely for another optimizer"):
         fishkern.MaskedSGD(model, masks, lr=1e-3, sparse_backward=True)
+    with pytest.raises(RuntimeError, match="already computes"):
+        fishkern.MaskedSGD(model, masks, lr=1e-3)  # "auto" too: never a silent half-patched model
     with pytest.raises(RuntimeError, match="already on"):
         opt.enable_sparse_backward(model)
     assert opt.sparse_backward.active
@@ -450,3 +452,15 @@ def test_gpt2_conv1d_and_tied_head():
     dense = _dense_grads(model, lambda m: m(input_ids=ids, labels=ids).loss)
     model(input_ids=ids, labels=ids).loss.backward()
     _assert_grads_match(opt, model, dense)
+
+
+def test_a_gradient_for_another_mask_is_refused_not_misread():
+    """Layers patched for optimizer A feed their k values; an optimizer B over another mask of the
+    same parameters cannot use them (its entries were never computed): a clear error at its step."""
+    model = Tagger()
+    opt_a = fishkern.MaskedAdamW(model, _mask_for(model, seed=1), lr=1e-3)
+    opt_b = fishkern.MaskedAdamW(model.parameters(), _mask_for(model, seed=2), lr=1e-3)
+    assert opt_a.sparse_backward.active
+    model(_ids()).sum().backward()
+    with pytest.raises(RuntimeError, match="another optimizer's mask"):
+        opt_b.step()

@@ -167,7 +167,7 @@ class _FishTrainerMixin:
     """Methods shared by FishTrainer (kept apart so the class can be built lazily)."""
 
     def _init_fish(self, fish_density, fish_num_samples, fish_mask, fish_head, fish_free_dense_grads, fish_kind,
-                   fish_comm_hook, fish_comm_dtype, fish_sparse_checkpoints):
+                   fish_comm_hook, fish_comm_dtype, fish_sparse_checkpoints, fish_sparse_backward=True):
         if fish_mask is None and not (0.0 < fish_density <= 1.0):
             raise ValueError(f"fish_density must be in (0, 1], got {fish_density!r}")
         if fish_comm_dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
@@ -181,6 +181,7 @@ class _FishTrainerMixin:
         self.fish_comm_hook = fish_comm_hook
         self.fish_comm_dtype = fish_comm_dtype
         self.fish_sparse_checkpoints = bool(fish_sparse_checkpoints)
+        self.fish_sparse_backward = bool(fish_sparse_backward)
         self.fish_comm_state = None  # the masked DDP hook's state (byte counters) once training runs under DDP
         self._fish_base = None  # the weights training started from, at the mask's entries (see _fish_record_base)
         self._fish_in_checkpoint = False  # inside Trainer._save_checkpoint
@@ -260,7 +261,18 @@ class _FishTrainerMixin:
             groups, self.fish_mask, lr=a.learning_rate, betas=(a.adam_beta1, a.adam_beta2),
             eps=a.adam_epsilon, free_dense_grads=self.fish_free_dense_grads,
         )
+        if self.fish_sparse_backward and self._sparse_backward_possible():
+            # Linear / Embedding weight gradients at the masked entries only (layers that cannot take it
+            # stay dense); the optimizer gives the layers back their forward when it is dropped
+            self.optimizer.enable_sparse_backward(self.model, strict=False)
         return self.optimizer
+
+    def _sparse_backward_possible(self) -> bool:
+        """One process, one device, no DeepSpeed / FSDP: the Trainer wraps the model in DDP (whose
+        reducer needs dense gradients) or DataParallel (which copies modules) after this point."""
+        a = self.args
+        wrapped = getattr(self, "is_deepspeed_enabled", False) or getattr(self, "is_fsdp_enabled", False)
+        return a.world_size == 1 and getattr(a, "n_gpu", 1) <= 1 and not wrapped
 
     def _masked_optimizer(self) -> MaskedAdamW:
         opt = self.optimizer
@@ -569,7 +581,9 @@ _FISH_DOC = """`{base}` that trains only a FISH mask's entries with MaskedAdamW.
             DDP only the masked gradient entries are all-reduced, 4·k bytes a step), fish_comm_dtype (None,
             or torch.bfloat16 to send them in 2·k bytes), fish_sparse_checkpoints (True: checkpoints hold
             the k trained values, the mask and the k-sized optimizer state instead of the dense model; see
-            the module docstring). The rest is the Trainer's: its scheduler,
+            the module docstring), fish_sparse_backward (True: Linear / Embedding weight gradients
+            computed at the masked entries only, in one process on one device; see
+            fishkern.optim.sparse_backward). The rest is the Trainer's: its scheduler,
             its weight-decay grouping (none on biases and norm weights), its max_grad_norm (applied
             to the trained entries). TrainingArguments.optim must be an AdamW; fp16 loss scaling is
             not supported (use bf16). Set weight_decay=0.0 for the paper's recipe. The mask is
@@ -600,10 +614,10 @@ def fish_trainer_class(base: type | None = None) -> type:
         def __init__(self, *args, fish_density: float = 0.005, fish_num_samples: int = 1024,
                      fish_mask: FishMask | None = None, fish_head=None, fish_free_dense_grads: bool = True,
                      fish_kind: str = "empirical", fish_comm_hook: bool = True, fish_comm_dtype=None,
-                     fish_sparse_checkpoints: bool = True, **kwargs):
+                     fish_sparse_checkpoints: bool = True, fish_sparse_backward: bool = True, **kwargs):
             base.__init__(self, *args, **kwargs)
             self._init_fish(fish_density, fish_num_samples, fish_mask, fish_head, fish_free_dense_grads, fish_kind,
-                            fish_comm_hook, fish_comm_dtype, fish_sparse_checkpoints)
+                            fish_comm_hook, fish_comm_dtype, fish_sparse_checkpoints, fish_sparse_backward)
 
         name = "FishTrainer" if base is Trainer else f"Fish{base.__name__}"
         cls = type(name, (_FishTrainerMixin, base), {

@@ -159,8 +159,9 @@ class ParamTable:
                 if g is not self._proxies[i]:
                     flags |= GRAD_OTHER
                 continue
-            if g.layout != torch.strided or g.dtype != p.dtype or g.device != p.device or g.stride() != p.stride() \
-                    or g.shape != p.shape:
+            # a tensor subclass (another optimizer's MaskedGrad, sparse backward's) has no memory to read
+            if type(g) is not torch.Tensor or g.layout != torch.strided or g.dtype != p.dtype or g.device != p.device \
+                    or g.stride() != p.stride() or g.shape != p.shape:
                 flags |= GRAD_OTHER
                 continue
             if g.data_ptr() != self._py_grad_addr[i]:

@@ -51,7 +51,10 @@ class MaskedGrad(Tensor):
     __torch_function__ = torch._C._disabled_torch_function_impl
 
     def _alike(self, values: Tensor) -> "MaskedGrad":
-        return MaskedGrad(values, self._k_rows, self._k_mem, self)
+        out = MaskedGrad(values, self._k_rows, self._k_mem, self)
+        if getattr(self, "_k_partial", False):  # sparse backward's: the other entries were never computed
+            out._k_partial = True
+        return out
 
     def _same_entries(self, other: "MaskedGrad") -> bool:
         return other.shape == self.shape and (other._k_rows is self._k_rows or torch.equal(other._k_rows, self._k_rows))

@@ -27,6 +27,15 @@ class GradientsMixin:
             )
         if grad.shape != p.shape:
             raise RuntimeError(f"gradient of shape {tuple(grad.shape)} for a parameter of shape {tuple(p.shape)}")
+        if isinstance(grad, MaskedGrad) and getattr(grad, "_k_partial", False) and grad._k_rows is not layout.indices[i]:
+            if not torch.equal(grad._k_rows, layout.indices[i]):
+                raise RuntimeError(
+                    f"parameter {i} (shape {tuple(p.shape)}): its gradient was computed by sparse backward at the entries "
+                    "of another optimizer's mask, so the entries of this optimizer's mask are unknown; one layer can feed "
+                    "one masked optimizer (disable_sparse_backward() on the other one)"
+                )
+            grad = grad._alike(grad._k_values)
+            grad._k_rows = layout.indices[i]
         if isinstance(grad, MaskedGrad) and grad._k_rows is layout.indices[i]:
             # sparse backward's gradient: the k values already, in the optimizer's entry order
             if accumulate:
@@ -112,7 +121,12 @@ class GradientsMixin:
         with torch.no_grad():
             self._gather_grad(lay, i, grad, out, accumulate=accumulate)
         rt.grad_ready[i] = True
+        partial = getattr(grad, "_k_partial", False)
         self._free_dense(gi, i)
+        if rt.proxies[i] is not None:
+            # from sparse backward: the entries outside the mask were never computed (another optimizer
+            # over another mask must not read them as zeros)
+            rt.proxies[i]._k_partial = partial
 
     def _free_dense(self, gi: int, i: int) -> None:
         """Replace tensor i's dense .grad (gathered into the buffer) by a MaskedGrad over its k

@@ -43,10 +43,11 @@ from ._grad_proxy import MaskedGrad
 
 # Density (k / weight entries) above which a Linear layer forms its dense weight gradient and
 # gathers, per device type. CPU: measured with benchmarks/bench_sparse_backward.py on a 2-core Xeon
-# (T = 1024 tokens; 768x768, 3072x768 and 768x3072 weights): the sampled kernel is 2-3x faster at
-# 0.5%, about even between 2.5% and 5%. CUDA: not measured on a GPU yet; 0.1% is a guess from
-# bandwidth (each entry reads 2·T values) against an H200's GEMM rate.
-DENSE_ABOVE = {"cpu": 0.03, "cuda": 0.001}
+# (T = 1024 tokens; 768x768, 3072x768, 768x3072, 1024x1024, 4096x1024 weights;
+# benchmarks/results/sparse_backward_cpu.md): the sampled kernel is 2-5x faster at 0.5%, 1.5-2x at
+# 2.5%, even between 5% and 10%. CUDA: not measured on a GPU yet; 0.1% is a guess from bandwidth
+# (each entry reads 2·T values) against an H200's GEMM rate.
+DENSE_ABOVE = {"cpu": 0.05, "cuda": 0.001}
 _DEFAULT_DENSE_ABOVE = 0.001
 
 _ATTR = "_fishkern_sparse_backward"  # a patched module's _Layer
@@ -84,7 +85,9 @@ class _Layer:
         return self.k / max(1, self.weight.numel())
 
     def masked_grad(self, values: Tensor) -> MaskedGrad:
-        return MaskedGrad(values.to(self.state_dtype), self.rows, self.mem, self.weight)
+        g = MaskedGrad(values.to(self.state_dtype), self.rows, self.mem, self.weight)
+        g._k_partial = True  # the other entries were never computed (not zero): see _grads._gather_grad
+        return g
 
     def product_grad(self, a: Tensor, b: Tensor) -> MaskedGrad:
         """The entries of aᵀ·b (a: [T, R], b: [T, C], the weight [R, C])."""
@@ -261,8 +264,9 @@ def _is_ddp(model: nn.Module) -> bool:
 
 def install(optimizer, model: nn.Module, *, dense_above: float | None = None, strict: bool = True) -> SparseBackward:
     """Patch ``model``'s Linear / Conv1D / Embedding layers whose weight ``optimizer`` trains (see the
-    module docstring). ``strict``: refuse what cannot work (DDP, a layer patched by another live
-    optimizer) instead of leaving it dense; the optimizer's ``enable_sparse_backward`` is strict."""
+    module docstring). A layer already patched for another live optimizer is an error; a layer whose
+    forward something else replaced on the instance (accelerate's hooks) is left dense. ``strict``:
+    a model under DistributedDataParallel is an error (else: nothing is patched)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"sparse backward patches the layers of an nn.Module; got {type(model).__name__}")
     if dense_above is not None and not 0.0 <= float(dense_above) <= 1.0:
@@ -289,21 +293,13 @@ def install(optimizer, model: nn.Module, *, dense_above: float | None = None, st
         lay = optimizer._layouts[gi]
         if lay.k(i) == 0 or lay.shards[i] is not None or lay.params[i] is not weight:
             continue  # frozen (no gradient at all), or a sharded weight: torch's backward
-        old = module.__dict__.get(_ATTR)
-        if old is not None:
-            if strict:
-                raise RuntimeError(
-                    f"layer {name!r} already computes its weight gradient sparsely for another optimizer; one layer "
-                    "can feed one masked optimizer (call disable_sparse_backward() on the other one first)"
-                )
-            continue
+        if module.__dict__.get(_ATTR) is not None:
+            raise RuntimeError(
+                f"layer {name!r} already computes its weight gradient sparsely for another optimizer; one layer "
+                "can feed one masked optimizer (call disable_sparse_backward() on the other one, or drop it, first)"
+            )
         if "forward" in module.__dict__ and not _ours(module.__dict__["forward"]):
-            if strict:
-                raise RuntimeError(
-                    f"layer {name!r} has its forward replaced on the instance (by another library?); sparse backward "
-                    "would bypass it. Leave it dense with sparse_backward=False"
-                )
-            continue
+            continue  # forward replaced on the instance (accelerate's hooks, another library): left dense
         limit = dense_above if dense_above is not None else DENSE_ABOVE.get(weight.device.type, _DEFAULT_DENSE_ABOVE)
         k = lay.k(i)
         layers.append(_Layer(name or type(module).__name__, kind, module, weight, lay.indices[i], lay.mem_indices[i],
