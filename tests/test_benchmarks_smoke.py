@@ -207,3 +207,25 @@ def test_lm_fisher_benchmark_on_a_tiny_run(bench, monkeypatch):
         assert all(r > 0 for k, r in v["ratios"].items() if k != "self-check share")
     md = B.render(report)
     assert "| untied |" in md and "| tied |" in md and "fishkern / floor" in md
+
+
+def test_sparse_backward_benchmark_plumbing(bench):
+    """bench_sparse_backward.py's pieces at toy sizes, in this process: each method's child run on a
+    tiny BERT, the layer-kernel table, the report. No timings are asserted."""
+    import bench_sparse_backward as B
+
+    rows = []
+    for method in B.METHODS:
+        spec = dict(model="bert-quick", method=method, density=None if method == "dense" else 0.005, device="cpu",
+                    quick=True, steps=1, warmup=1, mask_file=None, batch=2, tokens=16, batch_desc="2 x 16")
+        rows.append(B.child(spec))
+    assert rows[0]["layers_sparse"] == 0 and rows[1]["layers_sparse"] == 0
+    assert rows[2]["layers_sparse"] > 0 and rows[2]["weight_grad_bytes_avoided"] > 0
+    assert all(r["median_s"] > 0 for r in rows)
+    layers = B.layer_table(torch.device("cpu"), quick=True)
+    assert {r["density"] for r in layers} == set(B.LAYER_DENSITIES)
+    report = {"device": "cpu", "command": "x", "date": "d", "git": "g", "load": "quiet", "steps": rows,
+              "failures": [], "layer_tokens": 128, "layer_reps": 3, "layers": layers,
+              "environment": {"device_description": "cpu", "torch": torch.__version__, "transformers": "t"}}
+    md = B.render(report)
+    assert "| bert-quick |" in md and "fish+sparse" in md and "sampled speedup" in md

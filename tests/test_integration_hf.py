@@ -155,6 +155,11 @@ def test_fish_trainer(tiny_model_dir, tmp_path, monkeypatch):
     opt = trainer._masked_optimizer()
     assert isinstance(opt, fishkern.MaskedAdamW)
     assert mask.provenance["fisher_samples"] == 16 and "classifier.weight" in mask.forced
+    # sparse backward: every Linear / Embedding whose weight has masked entries (one process)
+    patched = {r["name"] for r in opt.sparse_backward.layers()}
+    owners = {n.rsplit(".", 1)[0] for n in mask.indices if n.endswith(".weight") and mask.k_of(n)}
+    linear_like = {n for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Embedding))}
+    assert patched and patched == owners & linear_like
     # the Trainer's grouping: weight decay on weights, none on biases and LayerNorm
     decays = {n: g["weight_decay"] for g in opt.param_groups for n in g["param_names"]}
     assert decays["classifier.weight"] == 0.1 and decays["classifier.bias"] == 0.0

@@ -464,3 +464,16 @@ def test_a_gradient_for_another_mask_is_refused_not_misread():
     model(_ids()).sum().backward()
     with pytest.raises(RuntimeError, match="another optimizer's mask"):
         opt_b.step()
+
+
+def test_the_finetune_loop_switch():
+    from fishkern.finetune import FinetuneConfig, build_optimizer
+    from fishkern.mask.fishmask import FishMask
+
+    model = Tagger()
+    mask = FishMask.random(dict(model.named_parameters()), 0.1, seed=0, force=())
+    on = build_optimizer(model, mask, FinetuneConfig())
+    assert len(on.sparse_backward.layers()) == 3
+    on.disable_sparse_backward()
+    off = build_optimizer(model, mask, FinetuneConfig(sparse_backward=False))
+    assert off.sparse_backward is None and sb.patched_layers(model) == []

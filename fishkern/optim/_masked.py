@@ -220,6 +220,11 @@ class MaskedOptimizer(GradientsMixin, ClipMixin, CheckpointMixin, torch.optim.Op
         self.sparse_backward = handle
         return handle
 
+    def sparse_backward_layers(self) -> list[dict]:
+        """The layers computing their weight gradients sparsely for this optimizer (name, kind, path:
+        "sampled" or "dense-then-gather", k, entries, density); empty when sparse backward is off."""
+        return self.sparse_backward.layers() if self.sparse_backward is not None else []
+
     def disable_sparse_backward(self) -> None:
         """Give every patched layer back its own forward (torch's dense backward). ``free_dense_grads``
         stays on (``remove_grad_hooks()`` turns it off)."""

@@ -279,6 +279,17 @@ def install(optimizer, model: nn.Module, *, dense_above: float | None = None, st
                 "or SparseAverager, which works with it"
             )
         return SparseBackward([])
+    from . import ddp_support
+
+    # a DDP wrapper built around the model (or a part of it) before this call: its reducer reads dense gradients
+    reduced = ddp_support.ddp_managed() if ddp_support.distributed_initialized() else set()
+    if reduced and any(id(p) in reduced for p in model.parameters()):
+        if strict:
+            raise ValueError(
+                "sparse backward cannot run under DistributedDataParallel: a DDP module reduces this model's "
+                "parameters, and its reducer reads dense gradients. Build the optimizer with sparse_backward=False"
+            )
+        return SparseBackward([])
     where: dict[int, tuple[int, int]] = {}
     for gi, lay in enumerate(optimizer._layouts):
         for i, p in enumerate(lay.owners):
