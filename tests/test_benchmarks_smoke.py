@@ -224,8 +224,9 @@ def test_sparse_backward_benchmark_plumbing(bench):
     assert all(r["median_s"] > 0 for r in rows)
     layers = B.layer_table(torch.device("cpu"), quick=True)
     assert {r["density"] for r in layers} == set(B.LAYER_DENSITIES)
+    assert all(r["torch_sampled_addmm_ms"] > 0 for r in layers)
     report = {"device": "cpu", "command": "x", "date": "d", "git": "g", "load": "quiet", "steps": rows,
               "failures": [], "layer_tokens": 128, "layer_reps": 3, "layers": layers,
               "environment": {"device_description": "cpu", "torch": torch.__version__, "transformers": "t"}}
     md = B.render(report)
-    assert "| bert-quick |" in md and "fish+sparse" in md and "sampled speedup" in md
+    assert "| bert-quick |" in md and "fish+sparse" in md and "sampled speedup" in md and "sampled_addmm" in md
