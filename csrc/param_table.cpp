@@ -5,7 +5,8 @@
 // storage can be swapped by `p.data = ...`, a gradient reallocated by autograd) and find out where
 // the gradients are (gathered by the optimizer's hooks, with `.grad` holding its proxy, or dense
 // `.grad` tensors). Done in Python that is ~100 ns per tensor and per question; here it is a few
-// ns per tensor, so a step's host cost stays flat in the number of tensors.
+// ns per tensor (one pass, each TensorImpl read once), so a step's host cost stays nearly flat in the
+// number of tensors.
 //
 //   param_table_new(params, checked)  -> handle   register the tensors once (kept alive here)
 //   param_table_set_proxies(h, proxies)           the `.grad` objects the hooks install
@@ -21,6 +22,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <memory>
 #include <mutex>
@@ -105,11 +107,20 @@ void param_table_set_proxies(int64_t h, at::IntArrayRef positions, at::TensorLis
 // `commit`: when nothing needs the slow path, also do what param_table_commit does, in the same
 // pass over the tensors' metadata (undone never: the caller is committed to stepping them all).
 void commit_one(at::Tensor& p, const at::Tensor& proxy, int64_t mode) {
-  p.unsafeGetTensorImpl()->bump_version();
-  if (mode == 0) {
-    const at::Tensor& g = p.grad();
-    if (g.defined() && proxy.defined() && g.unsafeGetTensorImpl() == proxy.unsafeGetTensorImpl()) p.mutable_grad().reset();
-  }
+  c10::TensorImpl* impl = p.unsafeGetTensorImpl();
+  impl->bump_version();
+  if (mode == 0 && proxy.defined() && impl->grad().unsafeGetTensorImpl() == proxy.unsafeGetTensorImpl())
+    impl->mutable_grad().reset();
+}
+
+// The address a kernel reads for `impl` (its data_ptr()), from fields TensorImpl keeps inline: this
+// avoids data_ptr()'s out-of-line storage checks, a few ns per tensor that add up over hundreds of
+// tensors. 0 for a tensor without storage (never a valid address: the caller then sees it as moved).
+inline int64_t address_of(const c10::TensorImpl* impl) {
+  const c10::Storage& st = impl->unsafe_storage();
+  if (!st) return 0;
+  const auto* base = static_cast<const char*>(st.unsafeGetStorageImpl()->data_ptr().get());
+  return reinterpret_cast<int64_t>(base + impl->storage_offset() * static_cast<int64_t>(impl->itemsize()));
 }
 
 int64_t param_table_check(int64_t h, int64_t mode, at::Tensor out, bool commit) {
@@ -117,37 +128,44 @@ int64_t param_table_check(int64_t h, int64_t mode, at::Tensor out, bool commit) 
   const int64_t n = static_cast<int64_t>(t->params.size());
   TORCH_CHECK(out.device().is_cpu() && out.scalar_type() == at::kLong && out.is_contiguous() && out.numel() == 2 * n,
               "param_table_check: out must be a contiguous CPU int64 tensor of ", 2 * n, " entries");
+  // One pass over the checked tensors, touching each TensorImpl once (after a backward pass these
+  // are cold in the caches: the next tensors' TensorImpls are prefetched while one is checked).
+  // Untrained tensors (k = 0) are never launched, so where their storage lies does not matter.
   int64_t flags = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    const auto& p = t->params[i];
-    const int64_t a = reinterpret_cast<int64_t>(p.data_ptr());
-    if (a != t->param_addr[i]) {
+  const int64_t* checked = t->checked.data();
+  const int64_t nc = static_cast<int64_t>(t->checked.size());
+  constexpr int64_t kAhead = 4;
+  for (int64_t j = 0; j < std::min(kAhead, nc); ++j) __builtin_prefetch(t->params[checked[j]].unsafeGetTensorImpl());
+  for (int64_t j = 0; j < nc; ++j) {
+    if (j + kAhead < nc) __builtin_prefetch(t->params[checked[j + kAhead]].unsafeGetTensorImpl());
+    const int64_t i = checked[j];
+    const c10::TensorImpl* p = t->params[i].unsafeGetTensorImpl();
+    const int64_t a = address_of(p);
+    if (a != t->param_addr[i] || a == 0) {
       t->param_addr[i] = a;
-      flags |= kParamMoved;
+      flags |= kParamMoved;  // the Python side then checks its shape and strides
     }
-  }
-  // A parameter whose storage was swapped moved too (kParamMoved): the Python side then checks its
-  // shape and strides. Here only what is cheap: dtype and device, per checked tensor.
-  for (int64_t i : t->checked) {
-    const auto& p = t->params[i];
-    if (p.scalar_type() != t->dtypes[i] || p.device() != t->devices[i]) flags |= kParamChanged;
-    const at::Tensor& g = p.grad();
+    if (c10::typeMetaToScalarType(p->dtype()) != t->dtypes[i] || p->device() != t->devices[i]) flags |= kParamChanged;
+    // TensorImpl::grad(), not Tensor::grad(): the latter asks autograd whether p is a leaf first
+    const at::Tensor& g = p->grad();
     if (!g.defined()) {
       flags |= kGradMissing;
       continue;
     }
+    const c10::TensorImpl* gi = g.unsafeGetTensorImpl();
     if (mode == 0) {
-      if (!t->proxies[i].defined() || g.unsafeGetTensorImpl() != t->proxies[i].unsafeGetTensorImpl()) flags |= kGradOther;
+      if (!t->proxies[i].defined() || gi != t->proxies[i].unsafeGetTensorImpl()) flags |= kGradOther;
       continue;
     }
     // a Python tensor subclass (another optimizer's MaskedGrad, sparse backward's) has no memory of
     // its own to read: the Python side handles it
-    if (g.key_set().has(c10::DispatchKey::Python) || g.layout() != c10::kStrided || g.scalar_type() != t->dtypes[i] || g.device() != t->devices[i] ||
-        g.strides() != p.strides() || g.sizes() != p.sizes()) {
+    if (gi->key_set().has(c10::DispatchKey::Python) || gi->layout() != c10::kStrided ||
+        c10::typeMetaToScalarType(gi->dtype()) != t->dtypes[i] || gi->device() != t->devices[i] || gi->strides() != p->strides() ||
+        gi->sizes() != p->sizes()) {
       flags |= kGradOther;
       continue;
     }
-    const int64_t ga = reinterpret_cast<int64_t>(g.data_ptr());
+    const int64_t ga = address_of(gi);
     if (ga != t->grad_addr[i]) {
       t->grad_addr[i] = ga;
       flags |= kGradMoved;
@@ -180,9 +198,10 @@ void param_table_clear_grads(int64_t h) {
   auto t = get(h);
   for (int64_t i : t->checked) {
     auto& p = t->params[i];
-    const at::Tensor& g = p.grad();
+    c10::TensorImpl* impl = p.unsafeGetTensorImpl();
+    const at::Tensor& g = impl->grad();
     if (g.defined() && t->proxies[i].defined() && g.unsafeGetTensorImpl() == t->proxies[i].unsafeGetTensorImpl())
-      p.mutable_grad().reset();
+      impl->mutable_grad().reset();
   }
 }
 

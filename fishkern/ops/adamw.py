@@ -30,18 +30,22 @@ class AdamWScalars:
 
 
 def adamw_scalars(*, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, step: int) -> AdamWScalars:
-    bias_correction1 = 1 - beta1**step
-    bias_correction2 = 1 - beta2**step
+    decay, step_size, bias_correction2_sqrt = adamw_step_scalars(lr, beta1, beta2, weight_decay, step)
     return AdamWScalars(
-        decay=1 - lr * weight_decay,
+        decay=decay,
         one_minus_beta1=1 - beta1,
         beta2=beta2,
         one_minus_beta2=1 - beta2,
-        step_size=lr / bias_correction1,
-        bias_correction2_sqrt=bias_correction2**0.5,
+        step_size=step_size,
+        bias_correction2_sqrt=bias_correction2_sqrt,
         eps=eps,
         has_weight_decay=weight_decay != 0,
     )
+
+
+def adamw_step_scalars(lr: float, beta1: float, beta2: float, weight_decay: float, step: int) -> tuple[float, float, float]:
+    """The scalars that change with the step or the lr: (decay, step_size, sqrt(bias_correction2))."""
+    return 1 - lr * weight_decay, lr / (1 - beta1**step), (1 - beta2**step) ** 0.5
 
 
 def adamw_update_(

@@ -94,24 +94,58 @@ def masked_adamw_triton(
     """Launch the fused step over blocks [lo, hi) of ``table``. Flat buffers are whole-group.
     ``capturable``: (step tensor, lr tensor or None, lr, log(beta1), log(beta2)) to read the step
     count (and the lr tensor) on the device instead of the host scalars in ``s``."""
-    lo, hi = blocks
-    if hi <= lo:
-        return
-    dummy = exp_avg
-    step_t, lr_t, lr_c, log_b1, log_b2 = capturable if capturable is not None else (None, None, 0.0, 0.0, 0.0)
-    multi_tensor.launch(_masked_adamw_kernel, (hi - lo,),
-        table.block_tensor, table.block_start, table.seg_end, lo,
-        param_addr, grad_addr if grad_addr is not None else param_addr, mem_indices,
-        grad_flat if grad_flat is not None else dummy, exp_avg, exp_avg_sq,
-        max_exp_avg_sq if max_exp_avg_sq is not None else dummy,
-        master if master is not None else dummy,
-        s.decay, s.one_minus_beta1, s.beta2, s.one_minus_beta2, -s.step_size, s.bias_correction2_sqrt, s.eps,
-        step_t if step_t is not None else dummy, lr_t if lr_t is not None else dummy,
-        lr_c, weight_decay, log_b1, log_b2,
-        BLOCK=table.block, PARAM_DT=tl_dtype(param_dtype), STATE_DT=tl_dtype(exp_avg.dtype),
-        GRAD_FLAT=grad_flat is not None, HAS_MASTER=master is not None, WEIGHT_DECAY=s.has_weight_decay,
-        AMSGRAD=max_exp_avg_sq is not None, MAXIMIZE=maximize,
-        CAPTURABLE=capturable is not None, LR_PTR=lr_t is not None,
-        num_warps=8,  # 4 warps spill registers on sm_90 for fp16 AdamW (scripts/triton_aot_gate.py)
-    )
+    launch = PreparedAdamW(table, blocks, param_addr, grad_addr, mem_indices, grad_flat, exp_avg, exp_avg_sq,
+                           max_exp_avg_sq, master, param_dtype=param_dtype, maximize=maximize,
+                           capturable=capturable is not None, lr_tensor=capturable[1] if capturable else None,
+                           step_tensor=capturable[0] if capturable else None,
+                           log_betas=capturable[3:5] if capturable else (0.0, 0.0),
+                           weight_decay=weight_decay, has_weight_decay=s.has_weight_decay)
+    launch(s.decay, s.one_minus_beta1, s.beta2, s.one_minus_beta2, s.step_size, s.bias_correction2_sqrt, s.eps,
+           capturable[2] if capturable else 0.0)
 
+
+class PreparedAdamW:
+    """One run's launch with everything that does not change between steps bound once: the tables,
+    buffers, constexprs and grid. A call passes only the per-step scalars, so the steady-state step
+    does no per-call argument assembly (the host cost of a step is what a GPU step waits on)."""
+
+    __slots__ = ("grid", "args", "meta", "empty")
+    # positions of the per-step scalars in `args`
+    _SCALARS = slice(12, 19)  # decay, one_minus_beta1, beta2, one_minus_beta2, -step_size, bc2_sqrt, eps
+    _LR = 21
+
+    def __init__(self, table: BlockTable, blocks: tuple[int, int], param_addr: Tensor, grad_addr: Tensor | None,
+                 mem_indices: Tensor, grad_flat: Tensor | None, exp_avg: Tensor, exp_avg_sq: Tensor,
+                 max_exp_avg_sq: Tensor | None, master: Tensor | None, *, param_dtype, maximize: bool,
+                 capturable: bool, lr_tensor: Tensor | None, step_tensor: Tensor | None, log_betas: tuple,
+                 weight_decay: float, has_weight_decay: bool):
+        lo, hi = blocks
+        self.empty = hi <= lo
+        self.grid = (hi - lo,)
+        dummy = exp_avg
+        self.args = [
+            table.block_tensor, table.block_start, table.seg_end, lo,
+            param_addr, grad_addr if grad_addr is not None else param_addr, mem_indices,
+            grad_flat if grad_flat is not None else dummy, exp_avg, exp_avg_sq,
+            max_exp_avg_sq if max_exp_avg_sq is not None else dummy,
+            master if master is not None else dummy,
+            0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0,  # the per-step scalars (_SCALARS)
+            step_tensor if step_tensor is not None else dummy, lr_tensor if lr_tensor is not None else dummy,
+            0.0, weight_decay, float(log_betas[0]), float(log_betas[1]),  # lr (_LR), ..., log(beta1), log(beta2)
+        ]
+        self.meta = dict(
+            BLOCK=table.block, PARAM_DT=tl_dtype(param_dtype), STATE_DT=tl_dtype(exp_avg.dtype),
+            GRAD_FLAT=grad_flat is not None, HAS_MASTER=master is not None, WEIGHT_DECAY=has_weight_decay,
+            AMSGRAD=max_exp_avg_sq is not None, MAXIMIZE=maximize,
+            CAPTURABLE=capturable, LR_PTR=lr_tensor is not None,
+            num_warps=8,  # 4 warps spill registers on sm_90 for fp16 AdamW (scripts/triton_aot_gate.py)
+        )
+
+    def __call__(self, decay: float, one_minus_beta1: float, beta2: float, one_minus_beta2: float, step_size: float,
+                 bias_correction2_sqrt: float, eps: float, lr: float) -> None:
+        if self.empty:
+            return
+        args = self.args
+        args[self._SCALARS] = (decay, one_minus_beta1, beta2, one_minus_beta2, -step_size, bias_correction2_sqrt, eps)
+        args[self._LR] = lr
+        multi_tensor.launch(_masked_adamw_kernel, self.grid, *args, **self.meta)

@@ -33,8 +33,8 @@ import torch
 from torch import Tensor
 
 from . import library
-from .triton_support import triton_usable_on
-from .adamw import adamw_scalars, adamw_update_, adamw_update_capturable_
+from .triton_support import device_type, triton_usable_on
+from .adamw import adamw_scalars, adamw_step_scalars, adamw_update_, adamw_update_capturable_
 from .masked_copy import gather_masked, scatter_masked_
 from .param_table import DENSE, NEEDS_SLOW_PATH, ParamTable, table
 from .sgd import sgd_update_
@@ -311,10 +311,49 @@ def _eager(op, kernel):
     def call(device: torch.device, *args, bumped: bool = False):
         if torch._C._len_torch_dispatch_stack() or torch.compiler.is_compiling():
             return op(*args)
-        return kernel("cuda" if device.type == "cuda" else "default", *args, trusted=True, bumped=bumped)
+        return kernel("cuda" if device_type(device) == "cuda" else "default", *args, trusted=True, bumped=bumped)
 
     return call
 
 
 masked_adamw_step_eager = _eager(masked_adamw_step_, _adamw)
 masked_sgd_step_eager = _eager(masked_sgd_step_, _sgd)
+
+
+def prepare_masked_adamw_step(device: torch.device, table_h: int, first: int, last: int, grad: Tensor | None,
+                              grads_in_flat: bool, master: Tensor | None, exp_avg: Tensor, exp_avg_sq: Tensor,
+                              max_exp_avg_sq: Tensor | None, step_t: Tensor | None, lr_t: Tensor | None,
+                              beta1: float, beta2: float, eps: float, weight_decay: float, maximize: bool, impl: str):
+    """The steady state's ``masked_adamw_step_eager`` for one run, bound once: a callable
+    ``run(step, lr) -> bool`` that launches the fused kernel with only the per-step scalars computed
+    (the tables, buffers and constexprs stay bound), or None where this run does not take the Triton
+    kernel (the default kernel's own work outweighs its host overhead). ``run`` returns False, and
+    does nothing, when the eager shortcut does not apply to this call: under torch.compile tracing or
+    a dispatch mode (the caller then makes the op call), or when dense gradients are not where this
+    step's table check found them. The arguments are the op's (``lr`` and ``step`` excepted); the
+    caller rebinds when any of them changes."""
+    t = table(table_h)
+    if not _triton_for(t, impl, "cuda" if device.type == "cuda" else "default"):
+        return None
+    from .adamw_triton import PreparedAdamW
+
+    bt = t.block_table()
+    param_addr, grad_addr = t.addresses()
+    capturable = step_t is not None
+    launch = PreparedAdamW(bt, bt.blocks_of(first, last), param_addr, None if grads_in_flat else grad_addr,
+                           t.mem_index, grad if grads_in_flat else None, exp_avg, exp_avg_sq, max_exp_avg_sq,
+                           master, param_dtype=t.params[first].dtype, maximize=maximize, capturable=capturable,
+                           lr_tensor=lr_t, step_tensor=step_t,
+                           log_betas=(_log(beta1), _log(beta2)) if capturable else (0.0, 0.0),
+                           weight_decay=weight_decay, has_weight_decay=weight_decay != 0)
+    one_minus_beta1, one_minus_beta2 = 1 - beta1, 1 - beta2
+    dispatch_modes, compiling = torch._C._len_torch_dispatch_stack, torch.compiler.is_compiling
+
+    def run(step: int, lr: float) -> bool:
+        if dispatch_modes() or compiling() or not (grads_in_flat or t.take_clean(DENSE)):
+            return False
+        decay, step_size, bc2_sqrt = adamw_step_scalars(lr, beta1, beta2, weight_decay, 1 if capturable else step)
+        launch(decay, one_minus_beta1, beta2, one_minus_beta2, step_size, bc2_sqrt, eps, lr if capturable else 0.0)
+        return True
+
+    return run

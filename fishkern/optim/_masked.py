@@ -23,7 +23,7 @@ from torch.optim import optimizer as _torch_optimizer
 
 from ..mask.fishmask import FishMask
 from ..ops import param_table as pt
-from ..ops.triton_support import triton_status, triton_supported, triton_usable_on
+from ..ops.triton_support import device_type, triton_status, triton_supported, triton_usable_on
 from ._checkpoint import CheckpointMixin
 from ._clip import ClipMixin
 from ._grads import GradientsMixin
@@ -66,6 +66,7 @@ class _GroupRuntime:
         # (layout.rank), so that a step of all of them is one fill_.
         step_device = layout.device if capturable else torch.device("cpu")
         self.step_tensor = torch.zeros(len(layout.trainable), dtype=torch.float32, device=step_device)
+        self.step_array = self.step_tensor.numpy() if step_device.type == "cpu" else None
         # capturable: the group's step count on the device, read there by the kernels
         self.step_dev = torch.zeros((), dtype=torch.float32, device=layout.device) if capturable else None
         self.buffers: dict[str, Tensor] = {}
@@ -80,6 +81,9 @@ class _GroupRuntime:
         # starts as a copy of the gradient, whenever momentum first applies to the tensor)
         self._started = [False] * n
         self.work: Tensor | None = None  # scratch for gathered parameter values, [K]
+        # the steady state's bound launches of full_runs and what they were bound for (_prepared_launches)
+        self.prepared: list | None = None
+        self.prepared_key: Any = None
         self.strides = [p.stride() for p in layout.params]
         self.shapes = [p.shape for p in layout.params]
         self.dtypes = [p.dtype for p in layout.params]
@@ -341,7 +345,7 @@ class MaskedOptimizer(GradientsMixin, ClipMixin, CheckpointMixin, torch.optim.Op
             impl = self._kernel_impl(layout)
         if impl == "torch" or layout.state_dtype == torch.float64:
             return False
-        return impl == "triton" or (layout.device.type == "cuda" and triton_usable_on(layout.device))
+        return impl == "triton" or (device_type(layout.device) == "cuda" and triton_usable_on(layout.device))
 
     # ------------------------------------------------------------------ stepping
     def step(self, closure=None):
@@ -411,16 +415,23 @@ class MaskedOptimizer(GradientsMixin, ClipMixin, CheckpointMixin, torch.optim.Op
         in_flat = self.free_dense_grads and bool(self._hooks)
         if rt.step_dev is not None:
             rt.step_dev.add_(1)  # on the device: a captured graph advances it at every replay
-        for first, last, dtype in rt.full_runs:
-            start, end = lay.starts[first], lay.starts[last + 1]
-            run = Run(first, last, start, end, step, dtype, key)
-            has_master = self._master_for(lay, run)
+        lr, lr_t = self._lr_of(group, lay)
+        launches = self._prepared_launches(gi, group, impl, in_flat, lr_t)
+        for r, (first, last, dtype) in enumerate(rt.full_runs):
+            has_master = self._master_for_dtype(lay, dtype)
             if has_master and step == 1:
-                self._init_master(lay, run, bufs["master"])
-            self._call_op(gi, group, run, has_master, in_flat, impl, bumped=True)
+                self._init_master(lay, Run(first, last, lay.starts[first], lay.starts[last + 1], step, dtype, key),
+                                  bufs["master"])
+            launch = launches[r] if launches is not None else None
+            if launch is None or not launch(step, lr):
+                run = Run(first, last, lay.starts[first], lay.starts[last + 1], step, dtype, key)
+                self._call_op(gi, group, run, has_master, in_flat, impl, bumped=True)
         started = bool(bufs.keys() - {"master"}) or key
         rt.uniform = (step, started)
-        rt.step_tensor.fill_(rt.step_dev if rt.step_dev is not None else float(step))
+        if rt.step_dev is not None:
+            rt.step_tensor.fill_(rt.step_dev)
+        else:  # a CPU tensor: written through its numpy view, without a dispatcher call
+            rt.step_array.fill(step)
         if step == 1:
             for i in lay.trainable:
                 self._publish_state(gi, i)
@@ -428,6 +439,28 @@ class MaskedOptimizer(GradientsMixin, ClipMixin, CheckpointMixin, torch.optim.Op
             n = len(lay.params)
             rt.proxies = [None] * n
             rt.grad_ready = [False] * n
+
+    def _prepared_launches(self, gi: int, group: dict[str, Any], impl: str, in_flat: bool,
+                           lr_t: Tensor | None) -> list | None:
+        """The steady state's launches of the group's full runs, bound once (``_prepare_op``) and
+        rebound when anything they bind changes: the buffers, the gradient buffer, the tensor lr,
+        the hyper-parameters, ``impl``, or whether Triton is usable here. None: the optimizer has no
+        prepared launches; an entry None: that run takes the op call."""
+        rt, lay = self._runtime[gi], self._layouts[gi]
+        hyper = self._prepared_key(group)
+        if hyper is None:
+            return None
+        usable = triton_usable_on(lay.device)
+
+        def key() -> tuple:
+            return impl, in_flat, usable, id(rt.grad) if in_flat else 0, id(lr_t), tuple(map(id, rt.buffers.values())), hyper
+
+        if rt.prepared_key != key():
+            grad = self._grad_arg(gi, in_flat, impl)  # may allocate rt.grad: the key is taken after
+            rt.prepared = [self._prepare_op(gi, group, first, last, self._master_for_dtype(lay, dtype), grad, in_flat,
+                                            impl, lr_t) for first, last, dtype in rt.full_runs]
+            rt.prepared_key = key()
+        return rt.prepared
 
     def _active(self, gi: int) -> list[int]:
         lay, rt = self._layouts[gi], self._runtime[gi]
@@ -643,6 +676,17 @@ class MaskedOptimizer(GradientsMixin, ClipMixin, CheckpointMixin, torch.optim.Op
         parameters' autograd versions already."""
         raise NotImplementedError
 
+    def _prepared_key(self, group: dict[str, Any]) -> tuple | None:
+        """The hyper-parameters a prepared launch binds (as plain values), or None: this optimizer
+        has no prepared launches and every run takes ``_call_op``."""
+        return None
+
+    def _prepare_op(self, gi: int, group: dict[str, Any], first: int, last: int, has_master: bool,
+                    grad: Tensor | None, grads_in_flat: bool, impl: str, lr_t: Tensor | None):
+        """The steady-state launch of run first..last, bound once: ``run(step, lr) -> bool`` (False:
+        make the op call instead), or None where the run takes the op call."""
+        return None
+
     # ------------------------------------------------------------------ introspection
     def num_masked(self) -> int:
         """Total number of trained entries k over all param groups."""
@@ -721,10 +765,11 @@ def _step_wrapper_needed(opt: torch.optim.Optimizer) -> bool:
     """Whether torch's step wrapper has work to do: a step hook (of this optimizer or global) or a
     running profiler, which records the ``Optimizer.step#...`` range."""
     return bool(opt._optimizer_step_pre_hooks or opt._optimizer_step_post_hooks or _GLOBAL_PRE_HOOKS
-                or _GLOBAL_POST_HOOKS) or torch.autograd._profiler_enabled()
+                or _GLOBAL_POST_HOOKS) or _profiler_enabled()
 
 
 # the registries torch.optim.register_optimizer_step_pre_hook / _post_hook fill (dicts, mutated in place)
 _GLOBAL_PRE_HOOKS = getattr(_torch_optimizer, "_global_optimizer_pre_hooks", {})
 _GLOBAL_POST_HOOKS = getattr(_torch_optimizer, "_global_optimizer_post_hooks", {})
+_profiler_enabled = torch.autograd._profiler_enabled
 

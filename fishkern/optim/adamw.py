@@ -7,7 +7,7 @@ from typing import Any
 from torch import Tensor
 
 from ..mask.fishmask import FishMask
-from ..ops.masked_step import masked_adamw_step_eager
+from ..ops.masked_step import masked_adamw_step_eager, prepare_masked_adamw_step
 from ._masked import MaskedOptimizer, Run
 
 
@@ -110,6 +110,22 @@ class MaskedAdamW(MaskedOptimizer):
             bufs["exp_avg"], bufs["exp_avg_sq"], bufs["max_exp_avg_sq"] if group["amsgrad"] else None,
             run.step, self._step_arg(gi), lr, lr_t, float(beta1), float(beta2), float(group["eps"]),
             float(group["weight_decay"]), bool(group["maximize"]), impl, bumped=bumped,
+        )
+
+    def _prepared_key(self, group: dict[str, Any]) -> tuple:
+        beta1, beta2 = group["betas"]
+        return (float(beta1), float(beta2), float(group["eps"]), float(group["weight_decay"]), bool(group["maximize"]),
+                bool(group["amsgrad"]))
+
+    def _prepare_op(self, gi: int, group: dict[str, Any], first: int, last: int, has_master: bool,
+                    grad: Tensor | None, grads_in_flat: bool, impl: str, lr_t: Tensor | None):
+        rt, lay = self._runtime[gi], self._layouts[gi]
+        bufs = rt.buffers
+        beta1, beta2, eps, weight_decay, maximize, amsgrad = self._prepared_key(group)
+        return prepare_masked_adamw_step(
+            lay.device, rt.table.handle, first, last, grad, grads_in_flat, bufs["master"] if has_master else None,
+            bufs["exp_avg"], bufs["exp_avg_sq"], bufs["max_exp_avg_sq"] if amsgrad else None, self._step_arg(gi), lr_t,
+            beta1, beta2, eps, weight_decay, maximize, impl,
         )
 
 
