@@ -27,15 +27,15 @@ OLDEST_TORCH=${FISHKERN_CI_OLDEST_TORCH:-2.6.0}
 OLDEST_TRANSFORMERS=${FISHKERN_CI_OLDEST_TRANSFORMERS:-4.57.6}
 # native ops, optimizers, Fisher rules, masks, the Hugging Face integration (FishTrainer relies on
 # private Trainer hooks: checked against the oldest and the newest transformers)
-SUBSET=(tests/test_build_config.py tests/test_native_loading.py tests/test_topk.py tests/test_topk_fallback.py
-        tests/test_masked_equivalence.py tests/test_masked_errors.py tests/test_masked_features.py
-        tests/test_hardening_optim.py tests/test_user_optim.py tests/test_fisher.py tests/test_fisher_memory.py
-        tests/test_fishmask.py tests/test_user_masks.py tests/test_integration_hf.py tests/test_trainer_checkpoints.py
-        tests/test_fisher_decoder_lms.py tests/test_fisher_scores_off_device.py)
+SUBSET=(tests/project/test_build_config.py tests/project/test_native_loading.py tests/ops/test_topk.py tests/ops/test_topk_fallback.py
+        tests/optim/test_masked_equivalence.py tests/optim/test_masked_errors.py tests/optim/test_masked_features.py
+        tests/hardening/test_hardening_optim.py tests/optim/test_user_optim.py tests/fisher/test_fisher.py tests/fisher/test_fisher_memory.py
+        tests/mask/test_fishmask.py tests/mask/test_user_masks.py tests/integrations/test_integration_hf.py tests/integrations/test_trainer_checkpoints.py
+        tests/fisher/test_fisher_decoder_lms.py tests/fisher/test_fisher_scores_off_device.py)
 # data parallel (gloo): on the newest torch only — on torch 2.6 the FSDP2 scenario fails (not yet
 # investigated; FSDP2 is tested on 2.13 and the newest)
-DDP_TESTS=(tests/test_ddp.py)
-TRITON_TESTS=(tests/test_masked_triton.py tests/test_fisher_triton.py)
+DDP_TESTS=(tests/distributed/test_ddp.py)
+TRITON_TESTS=(tests/optim/test_masked_triton.py tests/fisher/test_fisher_triton.py)
 
 say() { echo "ci_installs: $*"; }
 

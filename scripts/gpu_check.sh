@@ -41,7 +41,7 @@ STAGES=(
 )
 TOTAL_BUDGET=480
 if [ "${GPU_CHECK_SELFTEST:-0}" = 1 ]; then
-    # tests/test_gpu_script.py: the driver's handling of a pass, a failure and a timeout
+    # tests/project/test_gpu_script.py: the driver's handling of a pass, a failure and a timeout
     STAGES=("pass 20" "fail 20" "hang 1")
     stage_pass() { echo "a passing stage"; }
     stage_fail() { echo "a failing stage"; echo "it failed" >"$NOTE"; return 3; }

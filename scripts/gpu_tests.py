@@ -7,7 +7,7 @@
 A test is selected when any of these holds, on the machine that runs it (the ids differ: the Triton
 tests are parametrised over tests.conftest.triton_devices(), "cuda" on a GPU machine, "cpu" here):
   - it carries the marker `cuda` or `triton` (registered in pyproject.toml);
-  - its id names cuda (a device parametrisation, e.g. tests/test_topk.py's DEVICES);
+  - its id names cuda (a device parametrisation, e.g. tests/ops/test_topk.py's DEVICES);
   - its function's source mentions cuda or triton (e.g. `device = "cuda" if ...`, requires_triton).
 A test that reaches the GPU only through a helper and says none of this is missed; marking it
 `cuda` fixes that.

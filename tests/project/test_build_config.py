@@ -10,7 +10,7 @@ import pytest
 
 from fishkern import _build_config as cfg
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def test_no_hard_coded_language_standard():

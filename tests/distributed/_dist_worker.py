@@ -1,4 +1,4 @@
-"""One rank of the distributed tests (tests/test_distributed.py starts M of these as processes).
+"""One rank of the distributed tests (tests/distributed/test_distributed.py starts M of these as processes).
 
     RANK=r WORLD_SIZE=M FISHKERN_TEST_INIT=file:///tmp/.../store python _dist_worker.py SCENARIOS OUT_DIR
 

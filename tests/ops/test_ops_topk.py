@@ -19,7 +19,7 @@ from fishkern.topk import global_topk, global_topk_reference
 from fishkern.topk.fallback import NaNScoresError
 from fishkern.topk.ops import native_kernel_for, topk_select_default
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))]
 TOPK = torch.ops.fishkern.topk_select.default
 

@@ -9,7 +9,7 @@ import torch.nn as nn
 
 import fishkern.fisher.estimator as estimator
 from fishkern.fisher import clear_self_check_cache, estimate_fisher, fisher_reference
-from tests.test_fisher import SeqFirst, UnmaskedPadding, _pairs, assert_scores_close
+from tests.fisher.test_fisher import SeqFirst, UnmaskedPadding, _pairs, assert_scores_close
 
 
 class Flip(nn.Module):

@@ -1,7 +1,7 @@
 """Synchronous data-parallel FISH training (issue 11): masked optimizers under DistributedDataParallel
 and FSDP2, the masked DDP communication hook, on 2 and 3 real gloo processes.
 
-The ranks run tests/_ddp_worker.py: the same model, the same initial weights, a global batch of 12
+The ranks run tests/distributed/_ddp_worker.py: the same model, the same initial weights, a global batch of 12
 split evenly, a few steps; rank 0 also runs the single-process reference on the whole batch.
 """
 from __future__ import annotations

@@ -21,7 +21,7 @@ pytest.importorskip("datasets")
 from fishkern import FishMask  # noqa: E402
 from fishkern.diff import SparseDiff  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -221,7 +221,7 @@ _LOCK_WORKER = textwrap.dedent("""
 def test_a_second_process_waits_for_the_build_and_says_why(tmp_path):
     # this process holds the lock (it is "building"); a second one must block, say so on stderr, and
     # get the lock only after we let go. Deterministic: no race on how long the imports take.
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     directory = str(tmp_path / "build")
     code = _LOCK_WORKER.format(root=root, directory=directory)
     with _native._build_lock(directory):
@@ -310,7 +310,7 @@ _DECLARED = textwrap.dedent("""
 @pytest.mark.parametrize("no_native", ["0", "1"])
 def test_loading_declares_every_op_the_library_implements(no_native):
     env = {**os.environ, "FISHKERN_NO_NATIVE": no_native}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     out = subprocess.run([sys.executable, "-c", _DECLARED.format(root=root)], capture_output=True, text=True, env=env,
                          timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]

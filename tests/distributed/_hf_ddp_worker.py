@@ -1,5 +1,5 @@
 """FishTrainer on a tiny BERT, run as one process or under torchrun / accelerate launch
-(tests/test_ddp_hf.py). Writes OUT/rank{r}.pt with the final parameters, the mask and what was saved.
+(tests/distributed/test_ddp_hf.py). Writes OUT/rank{r}.pt with the final parameters, the mask and what was saved.
 
     python _hf_ddp_worker.py MODEL_DIR DATA_JSON OUT        # or: torchrun --nproc-per-node 2 _hf_ddp_worker.py ...
 

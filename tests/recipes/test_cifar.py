@@ -17,7 +17,7 @@ from fishkern.data.augment import Augment, crop, cutout, flip, pad
 from fishkern.models import RESNET34_CIFAR10_PARAMS, CifarResNet, cifar_resnet, resnet34_cifar
 from fishkern.runners import cifar as rc
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 HAS_GLOO = torch.distributed.is_available() and torch.distributed.is_gloo_available()
 needs_gloo = pytest.mark.skipif(not HAS_GLOO, reason="torch.distributed with gloo is not available in this torch build")
 

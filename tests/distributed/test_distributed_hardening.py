@@ -9,7 +9,7 @@
    kill a rank with SIGABRT inside gloo or leave wrong weights; now a header all-gather makes every
    rank raise ``CollectiveMismatchError`` before any payload travels, and the group stays usable.
 
-Each scenario runs tests/_dist_hardening_worker.py as separate processes (FileStore rendezvous in
+Each scenario runs tests/distributed/_dist_hardening_worker.py as separate processes (FileStore rendezvous in
 tmp_path: no ports), bounded by a few-second collective timeout and a wall-clock limit.
 """
 from __future__ import annotations
@@ -84,7 +84,7 @@ def test_every_rank_finishes_normally(scenario, request):
 
 
 def reference(pres, base, masks, op):
-    """Single-process reference of one exchange (see tests/test_distributed.py): rank-order sums
+    """Single-process reference of one exchange (see tests/distributed/test_distributed.py): rank-order sums
     in fp32 over the union of the masks; rank r's contribution outside its mask is the base."""
     world = len(pres)
     out = [[None] * len(base) for _ in range(world)]

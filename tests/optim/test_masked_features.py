@@ -5,7 +5,7 @@ import torch
 from fishkern import MaskedAdamW, MaskedSGD
 from fishkern.optim import MaskedGrad
 from tests._reference import SelectedModel, random_grads, random_masks, selected, unselected_mask
-from tests.test_masked_equivalence import make_params
+from tests.optim.test_masked_equivalence import make_params
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "gpu_check.sh"
 
 
@@ -64,15 +64,15 @@ def test_unknown_argument_is_refused():
 def test_selection_lists_the_triton_tests_and_leaves_cpu_ones(tmp_path):
     listing = tmp_path / "ids.txt"
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_tests.py"), "--list", "--out", str(listing),
-                        "--paths", "tests/test_masked_triton.py", "tests/test_masked_errors.py"],
+                        "--paths", "tests/optim/test_masked_triton.py", "tests/optim/test_masked_errors.py"],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     rows = [line.split("\t") for line in listing.read_text().splitlines()]
     ids = {nodeid: why for nodeid, why in rows}
-    triton_ids = [i for i in ids if i.startswith("tests/test_masked_triton.py::")]
+    triton_ids = [i for i in ids if i.startswith("tests/optim/test_masked_triton.py::")]
     assert triton_ids and all("marker:triton" in ids[i] for i in triton_ids)
     # test_masked_errors.py is mostly CPU argument checking: some of it is left out
-    errors_ids = [i for i in ids if i.startswith("tests/test_masked_errors.py::")]
+    errors_ids = [i for i in ids if i.startswith("tests/optim/test_masked_errors.py::")]
     assert "deselected" in r.stdout and len(errors_ids) < 10
 
 

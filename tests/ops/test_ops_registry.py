@@ -23,11 +23,11 @@ def test_every_op_has_a_default_kernel():
 
 
 def test_every_op_is_opchecked_by_a_test():
-    """Each op name appears in a tests/test_ops_*.py file that calls torch.library.opcheck."""
+    """Each op name appears in a tests/ops/test_ops_*.py file that calls torch.library.opcheck."""
     sources = {p.name: p.read_text() for p in TESTS.glob("test_ops_*.py")}
     for name in all_ops():
         files = [f for f, text in sources.items() if "opcheck" in text and name in text]
-        assert files, f"no tests/test_ops_*.py opchecks fishkern::{name}"
+        assert files, f"no tests/ops/test_ops_*.py opchecks fishkern::{name}"
 
 
 def test_op_modules_import_without_triton_or_cuda():

@@ -1,6 +1,6 @@
 """fishkern.distributed on real gloo process groups: 2 and 3 ranks as separate processes.
 
-Each group of ranks runs tests/_dist_worker.py (rendezvous through a FileStore in tmp_path, so no
+Each group of ranks runs tests/distributed/_dist_worker.py (rendezvous through a FileStore in tmp_path, so no
 ports are involved), records values before / after exchanges, and the checks here compare them
 with a single-process reference that does the same floating-point arithmetic — torch.equal, not
 closeness. A group is started once per module (fixtures) and shared by several tests.

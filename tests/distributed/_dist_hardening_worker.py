@@ -1,4 +1,4 @@
-"""One rank of tests/test_distributed_hardening.py (issue 10, items 7 and 8).
+"""One rank of tests/distributed/test_distributed_hardening.py (issue 10, items 7 and 8).
 
     RANK=r WORLD_SIZE=M FISHKERN_TEST_INIT=file:///tmp/.../store python _dist_hardening_worker.py SCENARIO OUT_DIR
 

@@ -20,7 +20,7 @@ from fishkern.diff import SparseDiff  # noqa: E402
 from fishkern.integrations import load_task_file  # noqa: E402
 
 WORKER = Path(__file__).with_name("_hf_ddp_worker.py")
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""One rank of the synchronous data-parallel tests (tests/test_ddp.py starts M of these).
+"""One rank of the synchronous data-parallel tests (tests/distributed/test_ddp.py starts M of these).
 
     RANK=r WORLD_SIZE=M FISHKERN_TEST_INIT=file:///tmp/.../store python _ddp_worker.py SCENARIOS OUT_DIR
 

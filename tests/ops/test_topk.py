@@ -1,5 +1,5 @@
 """The native global top-k against the float64 reference: exact equality of the selected sets
-(opcheck and the default kernel: tests/test_ops_topk.py)."""
+(opcheck and the default kernel: tests/ops/test_ops_topk.py)."""
 import pytest
 import torch
 

@@ -14,7 +14,7 @@ import pytest
 
 from tests.conftest import requires_triton
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _load_gate():

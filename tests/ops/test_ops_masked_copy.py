@@ -24,7 +24,7 @@ from fishkern.ops.masked_copy import (
     scatter_masked_default,
 )
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))]
 needs_native = pytest.mark.skipif(not native_available(), reason="fishkern's native extension is not built")
 PARAM_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)

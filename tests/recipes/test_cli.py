@@ -19,7 +19,7 @@ from fishkern.cli import build_parser, main
 from fishkern.runners import DeviceUnavailable, check_device
 from fishkern import reporting as rr
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _env(**extra) -> dict[str, str]:

@@ -6,7 +6,7 @@ import torch
 from fishkern import MaskedAdamW, MaskedSGD
 from tests._reference import SelectedModel, random_grads, random_masks, selected, unselected_mask
 from tests.conftest import requires_triton, triton_devices
-from tests.test_masked_equivalence import ADAMW_CONFIGS, SGD_CONFIGS
+from tests.optim.test_masked_equivalence import ADAMW_CONFIGS, SGD_CONFIGS
 
 pytestmark = [pytest.mark.triton, requires_triton]
 
