@@ -210,7 +210,7 @@ _DEFAULT_KERNEL_CHECK = textwrap.dedent("""
 
 def test_opcheck_with_the_default_kernels_without_the_native_extension():
     """FISHKERN_NO_NATIVE=1: the ops exist, the dispatcher runs their default kernels, opcheck passes."""
-    code = _DEFAULT_KERNEL_CHECK.format(root=ROOT, tests=os.path.join(ROOT, "tests"))
+    code = _DEFAULT_KERNEL_CHECK.format(root=ROOT, tests=os.path.join(ROOT, "tests", "ops"))
     env = {**os.environ, "FISHKERN_NO_NATIVE": "1"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]

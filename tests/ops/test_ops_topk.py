@@ -171,7 +171,7 @@ _NO_NATIVE = textwrap.dedent("""
 
 
 def test_without_the_native_extension_the_op_runs_its_default_kernel():
-    code = _NO_NATIVE.format(root=ROOT, tests=os.path.join(ROOT, "tests"))
+    code = _NO_NATIVE.format(root=ROOT, tests=os.path.join(ROOT, "tests", "ops"))
     env = {**os.environ, "FISHKERN_NO_NATIVE": "1"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
