@@ -29,7 +29,9 @@ LOOP_WARM_SAMPLES = 4
 # the ratios a report gives: (numerator method, denominator method, name)
 RATIOS = (("loop", "fishkern", "loop/fishkern"), ("vmap", "fishkern", "vmap/fishkern"),
           ("backpack", "fishkern", "backpack/fishkern"), ("fishkern", "floor", "fishkern/floor"),
-          ("loop", "fishkern-nocheck", "loop/fishkern-nocheck"), ("fishkern", "fishkern-nocheck", "fishkern/fishkern-nocheck"))
+          ("loop", "fishkern-nocheck", "loop/fishkern-nocheck"), ("fishkern", "fishkern-nocheck", "fishkern/fishkern-nocheck"),
+          # the ceiling of loop/fishkern on this machine: what a Fisher pass as cheap as the floor would reach
+          ("loop", "floor", "loop/floor"))
 
 
 class NotRun(Exception):

@@ -52,10 +52,11 @@ def bert_batches(n, batch, T, num_labels=3, seed=1, pad=True, regression=False):
     return out, lengths
 
 
-@pytest.fixture(params=["pairs", "per_sample", "chunks"])
+@pytest.fixture(params=["pairs", "per_sample", "chunks", "fused"])
 def linear_form(request, monkeypatch):
-    """Every exact form (and both paths of the per-sample form) of the sequence-Linear rule."""
-    monkeypatch.setattr(linear_fisher, "choose_form", lambda *args: request.param)
+    """Every exact form (and both paths of the per-sample form) of the sequence-Linear rule ("fused":
+    the op's native CPU form, where the extension is loaded)."""
+    monkeypatch.setattr(linear_fisher, "choose_form", lambda *args, **kwargs: request.param)
     return request.param
 
 

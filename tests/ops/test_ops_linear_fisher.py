@@ -76,10 +76,12 @@ def test_op_is_declared_once_with_a_cuda_kernel():
 SHAPES = [(3, 13, 37, 29), (1, 13, 37, 29), (4, 1, 37, 29), (2, 40, 70, 67), (2, 5, 1, 1), (6, 9, 3, 130)]
 
 
-@pytest.fixture(params=["pairs", "per_sample", "chunks"])
+@pytest.fixture(params=["pairs", "per_sample", "chunks", "fused"])
 def form(request, monkeypatch):
-    """Every exact form (and both paths of the per-sample form) of the default kernel."""
-    monkeypatch.setattr(lf, "choose_form", lambda *args: request.param)
+    """Every exact form (and both paths of the per-sample form) of the default kernel; "fused" runs
+    through the dispatcher's CPU kernel (natively; the default kernel called directly runs the
+    per-sample form for it)."""
+    monkeypatch.setattr(lf, "choose_form", lambda *args, **kwargs: request.param)
     return request.param
 
 
@@ -324,6 +326,118 @@ def test_linear_rule_takes_mixed_input_dtypes():
     _check(acc["weight"], linear_fisher_reference(x, g.float()), torch.float64)
 
 
+# ------------------------------------------------------------------------------ CPU kernel: fused form
+needs_fused = pytest.mark.skipif(not lf.fused_available(), reason="fishkern's native extension is not built")
+FUSED_SHAPES = [(3, 13, 37, 29), (1, 1, 1, 1), (5, 4, 6, 16), (2, 7, 7, 17), (4, 9, 13, 8), (3, 5, 130, 3),
+                (2, 3, 1, 33), (6, 2, 12, 48)]
+
+
+def _fused(acc, x, g, lengths=None):
+    """The fused form alone (forced), through the op's CPU kernel."""
+    lens = None if lengths is None else lengths
+    old = lf.choose_form
+    lf.choose_form = lambda *args, **kwargs: "fused"
+    try:
+        return lf.linear_fisher_cpu_(acc, x, g, lens)
+    finally:
+        lf.choose_form = old
+
+
+@needs_fused
+@pytest.mark.parametrize("shape", FUSED_SHAPES)
+def test_fused_form_matches_reference(shape):
+    """Edge tiles in both directions (OUT not a multiple of 6, IN of 16 / 8), zero-length samples,
+    float64 to 1e-12, float32 and bf16 inputs to fp32 rounding, added to what acc held."""
+    b, t, out_f, in_f = shape
+    for lengths in (None, _lengths(b, t)):
+        for dtype in (torch.float64, torch.float32, torch.bfloat16):
+            x, g = _inputs(*shape, dtype=dtype, seed=b + t)
+            acc_dt = torch.float64 if dtype == torch.float64 else torch.float32
+            acc0 = torch.rand(out_f, in_f, dtype=acc_dt)
+            acc = acc0.clone()
+            assert _fused(acc, x, g, lengths) is acc
+            _check(acc, acc0.double() + linear_fisher_reference(x, g, lengths), dtype)
+
+
+@needs_fused
+def test_fused_form_chunks_strides_and_padding():
+    """Samples long enough to be chunked one by one (and short ones packed many to a chunk), inputs
+    strided in every dimension (the last one copied), NaN / inf past the lengths never read."""
+    x, g = _inputs(5, 60, 19, 1000, seed=3)  # 60 tokens x 1000 inputs: 240 kB per sample > the chunk budget
+    lengths = torch.tensor([60, 0, 1, 59, 30])
+    acc = torch.zeros(19, 1000)
+    _fused(acc, x, g, lengths)
+    _check(acc, linear_fisher_reference(x, g, lengths))
+    xs = torch.randn(9, 23, 2 * 29, dtype=torch.float64)[::2, ::2, ::2]  # (5, 12, 29), no unit stride
+    gs = torch.randn(9, 23, 37, dtype=torch.float64)[::2, ::2]
+    acc = torch.zeros(37, 29, dtype=torch.float64)
+    _fused(acc, xs, gs)
+    _check(acc, linear_fisher_reference(xs, gs), torch.float64)
+    x, g = _inputs(3, 11, 37, 29, seed=4)
+    lengths = torch.tensor([11, 0, 4])
+    xp, gp = x.clone(), g.clone()
+    for i, n in enumerate(lengths.tolist()):
+        xp[i, n:], gp[i, n:] = float("nan"), float("inf")
+    acc = torch.zeros(37, 29)
+    _fused(acc, xp, gp, lengths)
+    assert torch.isfinite(acc).all()
+    _check(acc, linear_fisher_reference(x, g, lengths))
+
+
+@needs_fused
+def test_fused_form_is_deterministic_across_thread_counts():
+    x, g = _inputs(16, 9, 61, 45, seed=5)
+    lengths = _lengths(16, 9)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 3, threads):
+            torch.set_num_threads(n)
+            acc = torch.zeros(61, 45)
+            _fused(acc, x, g, lengths)
+            results.append(acc)
+    finally:
+        torch.set_num_threads(threads)
+    for r in results[1:]:
+        assert torch.equal(r, results[0])
+
+
+@needs_fused
+def test_dispatcher_runs_the_fused_form_on_cpu_for_short_samples(monkeypatch):
+    """With the extension loaded the op's CPU kernel takes the fused form where the cost model says so;
+    the default kernel called directly never does (it is plain PyTorch)."""
+    calls = []
+    real = lf._fused_form
+    monkeypatch.setattr(lf, "_fused_form", lambda *a: (calls.append(a[1].shape), real(*a))[1])
+    x, g = _inputs(8, 12, 30, 20)
+    acc = torch.zeros(30, 20)
+    linear_fisher_acc_(acc, x, g)
+    assert calls == [(8, 12, 20)]
+    _check(acc, linear_fisher_reference(x, g))
+    linear_fisher_default_(torch.zeros(30, 20), x, g)
+    assert len(calls) == 1
+
+
+def test_fused_internal_op_refuses_bad_arguments():
+    """The native op checks what the Python kernel guarantees, so a direct call cannot read out of bounds."""
+    if not lf.fused_available():
+        pytest.skip("fishkern's native extension is not built")
+    fused = torch.ops.fishkern.linear_fisher_fused_cpu_
+    x, g = _inputs(2, 3, 4, 5)
+    ok = torch.tensor([3, 3])
+    with pytest.raises(RuntimeError, match="shapes do not agree"):
+        fused(torch.zeros(5, 4), x, g, ok)
+    with pytest.raises(RuntimeError, match="unit stride"):
+        fused(torch.zeros(4, 5), x.transpose(1, 2).contiguous().transpose(1, 2), g, ok)
+    with pytest.raises(RuntimeError, match="int64"):
+        fused(torch.zeros(4, 5), x, g, ok.int())
+    with pytest.raises(RuntimeError, match="dtype"):
+        fused(torch.zeros(4, 5), x.double(), g, ok)
+    acc = torch.zeros(4, 5)
+    fused(acc, x, g, torch.tensor([-7, 99]))  # clamped to [0, T]: sample 0 counts 0 tokens, sample 1 all 3
+    _check(acc, linear_fisher_reference(x, g, torch.tensor([0, 3])))
+
+
 def test_cost_model_switch_points():
     """Token pairs for very short sequences, per-sample GEMMs from a few tokens up; padding counts
     against the pair form (it runs to the longest sample) but not the per-sample one."""
@@ -335,3 +449,11 @@ def test_cost_model_switch_points():
     # the rule behind it: pairs cost t(t + 1) per sample, per-sample 2 t + ADDCMUL_COST
     for t in range(1, 12):
         assert (pick(t, [t]) == "pairs") == (t * (t + 1) <= 2 * t + lf.ADDCMUL_COST)
+    # with the native fused form: it beats the per-sample form up to ~100 tokens, pairs only at t = 1
+    assert [pick(t, [t] * 32, fused=True) for t in (1, 2, 4, 16, 64)] == ["pairs"] + ["fused"] * 4
+    assert pick(512, [512] * 32, fused=True) == "per_sample"
+    for t in range(1, 300, 7):
+        fused = lf.FUSED_TOKEN_COST * t + lf.FUSED_SAMPLE_COST
+        want = min((t * (t + 1), "pairs"), (fused, "fused"), (2 * t + lf.ADDCMUL_COST, "per_sample"),
+                   key=lambda c: c[0])[1]
+        assert pick(t, [t], fused=True) == want

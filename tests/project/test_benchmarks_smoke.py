@@ -145,6 +145,13 @@ def test_workload_configs_and_goals(bench):
     assert d == {"self-check overhead": 0.25, "self-check overhead (min)": 0.125, "memory fishkern/floor": 1.5}
     md = "\n".join(bench["render"].goals_lines(goals.evaluate(g[2:], d, n=5)))
     assert "| self-check overhead <= 10% | 25% | 12% | **NOT MET** |" in md
+    # a goal against the loop carries the machine's ceiling loop/floor, and says when it is out of reach
+    c = goals.evaluate(g[:2], {"loop/fishkern": 2.0, "loop/floor": 2.5, "fishkern/floor": 1.2}, n=256)
+    assert c[0]["ceiling"] == 2.5 and "2.50×: out of reach on this machine" in c[0]["note"]
+    assert c[1]["ceiling"] is None and c[1]["note"] == ""
+    c = goals.evaluate(g[:1], {"loop/fishkern": 2.0, "loop/floor": 6.0}, n=256)
+    assert "within reach" in c[0]["note"]
+    assert goals.evaluate(g[:1], {"loop/fishkern": 2.0}, n=256)[0]["ceiling"] is None
 
 
 def test_backpack_not_importable_is_reported_not_run(bench, monkeypatch):
