@@ -334,13 +334,9 @@ FUSED_SHAPES = [(3, 13, 37, 29), (1, 1, 1, 1), (5, 4, 6, 16), (2, 7, 7, 17), (4,
 
 def _fused(acc, x, g, lengths=None):
     """The fused form alone (forced), through the op's CPU kernel."""
-    lens = None if lengths is None else lengths
-    old = lf.choose_form
-    lf.choose_form = lambda *args, **kwargs: "fused"
-    try:
-        return lf.linear_fisher_cpu_(acc, x, g, lens)
-    finally:
-        lf.choose_form = old
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(lf, "choose_form", lambda *args, **kwargs: "fused")
+        return lf.linear_fisher_cpu_(acc, x, g, lengths)
 
 
 @needs_fused
@@ -418,10 +414,9 @@ def test_dispatcher_runs_the_fused_form_on_cpu_for_short_samples(monkeypatch):
     assert len(calls) == 1
 
 
+@needs_fused
 def test_fused_internal_op_refuses_bad_arguments():
     """The native op checks what the Python kernel guarantees, so a direct call cannot read out of bounds."""
-    if not lf.fused_available():
-        pytest.skip("fishkern's native extension is not built")
     fused = torch.ops.fishkern.linear_fisher_fused_cpu_
     x, g = _inputs(2, 3, 4, 5)
     ok = torch.tensor([3, 3])
