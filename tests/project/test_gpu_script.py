@@ -92,8 +92,18 @@ def test_smoke_comparisons_tell_right_from_wrong():
     y = [torch.ones(4), torch.tensor([0.0, 1e-3, 0.0])]
     worst, bad = smoke.close_error(y, x, 1e-4, 1e-4)
     assert bad == 1 and math.isclose(worst, 1e-3, rel_tol=1e-6)
-    assert smoke.max_scaled_error({"w": torch.tensor([2.0, 1.0])}, {"w": torch.tensor([2.0, 1.1])}) == pytest.approx(0.05, rel=1e-5)
-    assert smoke.max_scaled_error({"w": torch.tensor([1e-9])}, {"w": torch.tensor([0.0])}) == float("inf")
+    err, where = smoke.max_scaled_error({"w": torch.tensor([2.0, 1.0])}, {"w": torch.tensor([2.0, 1.1])})
+    assert err == pytest.approx(0.05, rel=1e-5) and where == "w"
+    assert smoke.max_scaled_error({"w": torch.tensor([1e-9])}, {"w": torch.tensor([0.0])})[0] == float("inf")
+    # a tensor of rounding noise (BERT's key biases: true Fisher 0) is judged against the model's
+    # largest score, not its own; a real error in a small but meaningful tensor still counts
+    ref = {"big": torch.tensor([1e-2, 3e-3]), "noise": torch.tensor([1.8e-24, 0.0]), "small": torch.tensor([2e-7])}
+    got = {"big": ref["big"].clone(), "noise": torch.tensor([0.9e-24, 1e-25]), "small": ref["small"].clone()}
+    assert smoke.max_scaled_error(got, ref)[0] < 1e-12
+    assert smoke.max_scaled_error(got, ref, floor=0.0) == (pytest.approx(0.5, rel=1e-6), "noise")
+    got["small"] = torch.tensor([3e-7])
+    err, where = smoke.max_scaled_error(got, ref)
+    assert where == "small" and err == pytest.approx(0.5, rel=1e-6)
 
 
 def test_benchmark_shapes_masks_and_peak():
