@@ -1,4 +1,4 @@
-"""One masked AdamW step on BERT-large's 393 parameter tensors, on the GPU: stage 06 of scripts/gpu_check.sh.
+"""One masked AdamW step on BERT-large's 393 parameter tensors, on the GPU: stage 05 of scripts/gpu_check.sh.
 
     python benchmarks/bench_gpu_step.py --out DIR                       full size, CUDA
     python benchmarks/bench_gpu_step.py --device cpu --tiny --out DIR   the dry run (2 layers, hidden 64)

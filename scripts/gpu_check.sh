@@ -10,17 +10,24 @@
 #
 # Stages, in the order of what they are worth when the time runs out; each runs under its own
 # `timeout` (budgets below, summing to <= 480 s), later stages run whatever an earlier one did:
-#   01 env       versions, the GPU and its clocks, nvcc and compute-sanitizer
-#   02 build     the native extension in place (MAX_JOBS=$(nproc), TORCH_CUDA_ARCH_LIST=9.0)
-#   03 tests     only the tests that touch CUDA or Triton (scripts/gpu_tests.py selects them)
-#   04 smoke     the whole data path on the GPU against the CPU (scripts/gpu_smoke.py)
-#   05 sanitize  compute-sanitizer memcheck of the CUDA top-k, Triton optimizer and Fisher kernels
-#   06 bench     full-size masked AdamW step: CUDA-event and host time, syncs, GB/s vs the peak
+#   01 setup     versions, the GPU and its clocks, nvcc and compute-sanitizer; then the native
+#                extension built in place (MAX_JOBS=$(nproc), TORCH_CUDA_ARCH_LIST=9.0)
+#   02 tests     only the tests that touch CUDA or Triton (scripts/gpu_tests.py selects them); the
+#                summary line names the failed tests
+#   03 smoke     the whole data path on the GPU against the CPU (scripts/gpu_smoke.py)
+#   04 sanitize  compute-sanitizer memcheck of the CUDA top-k, Triton optimizer and Fisher kernels
+#   05 bench     full-size masked AdamW step: CUDA-event and host time, syncs, GB/s vs the peak
+#   06 fisher    the Fisher pass against its peers (benchmarks/bench_fisher.py: batch-1 loop, vmap,
+#                plain forward+backward) on BERT-large (T=128) and ResNet-34, N=256, one workload at
+#                a time under its own limit
 #
 # Output, written while it runs, so a killed command still returns what was done: $OUT/<nn>_<stage>.log
 # (tee'd), one line per stage appended to $OUT/summary.txt as soon as the stage ends
-# ("<nn>_<stage> rc=<rc> <seconds>s budget=<s>s limit=<s>s <status> (note)"), and $OUT/06_bench.json. That is 8 files,
-# the most the device tool brings back. OUT defaults to a new temporary directory when unset.
+# ("<nn>_<stage> rc=<rc> <seconds>s budget=<s>s limit=<s>s <status> (note)"), and $OUT/bench.json
+# (the step benchmark's report under "gpu_step", each Fisher workload's under "fisher:<name>", added
+# as each ends). That is 8 files, the most the device tool brings back: copy them into the
+# repository (benchmarks/results/) before the session ends, the device tool's copy does not last.
+# OUT defaults to a new temporary directory when unset.
 # Exit status: 0 when every stage passed, 1 otherwise (a failing stage does not stop the next).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -31,13 +38,15 @@ export PYTHONUNBUFFERED=1
 case ":${PYTHONPATH:-}:" in *":$ROOT:"*) ;; *) export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" ;; esac
 
 # name budget_s; the order is the run order. Sum <= TOTAL_BUDGET (checked before anything runs).
+# Budgets: the H200 run of 2026-12-04 took 10 s (env) + 33 s (build), 61 s (tests), 50 s for smoke,
+# sanitize and bench together, and BERT-large's Fisher benchmark 195 s at N=1024 (N=256 here).
 STAGES=(
-    "env 15"
-    "build 120"
-    "tests 135"
-    "smoke 60"
-    "sanitize 80"
-    "bench 70"
+    "setup 85"
+    "tests 110"
+    "smoke 30"
+    "sanitize 40"
+    "bench 35"
+    "fisher 180"
 )
 TOTAL_BUDGET=480
 if [ "${GPU_CHECK_SELFTEST:-0}" = 1 ]; then
@@ -58,7 +67,7 @@ while [ $# -gt 0 ]; do
         --dry-run) DRY=1 ;;
         --list) mode=list ;;
         --stage) mode=stage; only=${2:?--stage needs a stage name}; shift ;;
-        -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,31p' "$0"; exit 0 ;;
         *) echo "gpu_check: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
     shift
@@ -78,6 +87,10 @@ budget_sum() {
 # ------------------------------------------------------------------------------------------ stages
 # Each stage_<name> runs with the log as stdout/stderr. A stage may write one short note (shown in
 # the summary line) to $NOTE.
+
+stage_setup() {
+    stage_env && stage_build
+}
 
 stage_env() {
     echo "date: $(date -u '+%Y-%m-%d %H:%M:%S UTC')  host: $(uname -srm)  nproc: $(nproc)  dry run: $DRY"
@@ -142,8 +155,14 @@ stage_tests() {
     if [ "$DRY" = 1 ]; then
         "$PY" scripts/gpu_tests.py --list --out "$WORK/gpu_tests.txt"
     else
-        # no just-in-time native build inside the tests: stage 02 built it, or its failure shows
-        FISHKERN_NO_JIT=1 "$PY" scripts/gpu_tests.py --out "$WORK/gpu_tests.txt"
+        # no just-in-time native build inside the tests: stage 01 built it, or its failure shows
+        local rc
+        FISHKERN_NO_JIT=1 "$PY" scripts/gpu_tests.py --out "$WORK/gpu_tests.txt" 2>&1 | tee "$WORK/gpu_tests.log"
+        rc=${PIPESTATUS[0]}
+        # the failed tests in the summary line: it survives when nothing else of the run does
+        grep -E '^(FAILED|ERROR) ' "$WORK/gpu_tests.log" | sed -E 's/^(FAILED|ERROR) tests\///; s/ - .*//' \
+            | head -12 | tr '\n' ' ' >"$NOTE"
+        return "$rc"
     fi
 }
 
@@ -194,7 +213,40 @@ stage_bench() {
     else
         FISHKERN_NO_JIT=1 "$PY" benchmarks/bench_gpu_step.py --device cuda --out "$WORK/bench" || return 1
     fi
-    cp "$WORK/bench/bench_gpu_step.json" "$OUT/06_bench.json"
+    merge_report gpu_step "$WORK/bench/bench_gpu_step.json"
+}
+
+# $OUT/bench.json[key] = the JSON file $2 (the file is created on the first call)
+merge_report() {
+    "$PY" - "$OUT/bench.json" "$1" "$2" <<'PYEOF'
+import json, os, sys
+path, key, src = sys.argv[1:]
+merged = json.load(open(path)) if os.path.exists(path) else {}
+merged[key] = json.load(open(src))
+tmp = path + ".tmp"
+with open(tmp, "w") as f:
+    json.dump(merged, f, indent=1)
+os.replace(tmp, path)
+PYEOF
+}
+
+stage_fisher() {
+    local dev=cuda n=256 w rc=0 extra=()
+    # the dry run: the same two workloads at their --quick size on the CPU, three methods
+    [ "$DRY" = 1 ] && { dev=cpu; n=8; extra=(--quick --methods fishkern loop floor); }
+    for w in bert-large resnet34; do
+        rm -rf "$WORK/fisher_$w"
+        # one workload's limit: a slow one cannot take the other's time
+        if FISHKERN_NO_JIT=1 timeout --kill-after=5 85 "$PY" benchmarks/bench_fisher.py --device $dev --workloads $w \
+                --n $n --reps 2 --slow-reps 1 --loop-samples 32 --vmap-samples 64 --no-profile \
+                --quiet-wait 0 --retries 0 "${extra[@]}" --out-dir "$WORK/fisher_$w"; then
+            merge_report "fisher:$w" "$(ls "$WORK/fisher_$w"/fisher_*.json | head -1)" || rc=1
+        else
+            rc=1
+            echo "$w: failed or over its limit; " >>"$NOTE"
+        fi
+    done
+    return $rc
 }
 
 # ------------------------------------------------------------------------------------------ driver
@@ -248,7 +300,7 @@ for e in "${STAGES[@]}"; do
     if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then status=TIMEOUT; elif [ "$rc" -ne 0 ]; then status=FAILED; fi
     [ "$rc" -eq 0 ] || failed=1
     note=""
-    [ -s "$NOTE" ] && note=" ($(head -c 200 "$NOTE" | tr '\n' ' ' | sed 's/ *$//'))"
+    [ -s "$NOTE" ] && note=" ($(head -c 600 "$NOTE" | tr '\n' ' ' | sed 's/ *$//'))"
     echo "$tag rc=$rc ${dt}s budget=${budget}s limit=${limit}s $status$note" >>"$OUT/summary.txt"
     echo "=== $tag: $status in $dt s$note"
 done

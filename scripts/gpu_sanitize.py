@@ -1,4 +1,4 @@
-"""A tiny workload for `compute-sanitizer --tool memcheck`: stage 05 of scripts/gpu_check.sh.
+"""A tiny workload for `compute-sanitizer --tool memcheck`: stage 04 of scripts/gpu_check.sh.
 
     compute-sanitizer --tool memcheck --error-exitcode 3 python scripts/gpu_sanitize.py --device cuda
     python scripts/gpu_sanitize.py --device cpu      the same calls on CPU (the dry run)

@@ -1,4 +1,4 @@
-"""The whole FISH-mask data path on one device against the CPU: stage 04 of scripts/gpu_check.sh.
+"""The whole FISH-mask data path on one device against the CPU: stage 03 of scripts/gpu_check.sh.
 
     python scripts/gpu_smoke.py --device cuda     GPU against CPU
     python scripts/gpu_smoke.py --device cpu      CPU against CPU (the dry run: same code, no GPU)

@@ -1,4 +1,4 @@
-"""Run (or list) only the tests that touch CUDA or Triton: stage 03 of scripts/gpu_check.sh.
+"""Run (or list) only the tests that touch CUDA or Triton: stage 02 of scripts/gpu_check.sh.
 
     python scripts/gpu_tests.py                 run them (pytest-xdist and pytest-timeout used when installed)
     python scripts/gpu_tests.py --list          collect only: print and write the selection

@@ -139,6 +139,10 @@ def run_memory_cpu(args, workloads: list[str], methods: list[str]) -> list[dict[
                 results.append({"workload": name, "method": m, "error": f"child failed (rc {proc.returncode}): {proc.stderr[-1500:]}"})
                 continue
             r["child_wall_s"] = time.perf_counter() - t0
+            if "rss_before_kib" not in r:  # the method did not run (e.g. BackPACK not installed)
+                log(f"  memory {name} {m}: {r.get('error', 'no measurement')}")
+                results.append(r)
+                continue
             log(f"  memory {name} {m}: RSS before the call {fmt_bytes(r['rss_before_kib'] * 1024)}, peak growth "
                 f"{fmt_bytes(r['peak_growth_bytes'])} (cold call {r['cold_call_s']:.1f} s; child {r['child_wall_s']:.0f} s)")
             results.append(r)

@@ -33,7 +33,7 @@ def test_script_parses():
 def test_stage_budgets_fit_one_device_command_in_value_order():
     out = subprocess.run(["bash", str(SCRIPT), "--list"], check=True, capture_output=True, text=True).stdout.splitlines()
     stages = [line.split() for line in out if not line.startswith("total")]
-    assert [s[1] for s in stages] == ["env", "build", "tests", "smoke", "sanitize", "bench"]
+    assert [s[1] for s in stages] == ["setup", "tests", "smoke", "sanitize", "bench", "fisher"]
     assert [s[0] for s in stages] == [f"{i:02d}" for i in range(1, len(stages) + 1)]
     budgets = [int(s[2]) for s in stages]
     assert all(b > 0 for b in budgets)
