@@ -8,7 +8,10 @@ For every distinct 3x3 / 1x1 conv layer of ResNet-34 for CIFAR (32x32 inputs) at
 * ``old-unfold``   the rule fishkern had before (unfold, einsum per chunk, ``square().sum(0)``);
 * ``grouped``      the op's grouped form (chunk folded into the groups of one weight-gradient conv);
 * ``unfold``       the op's unfold form (im2col, one GEMM per sample into a reused buffer);
-* ``auto``         what ``choose_form`` picks (the crossover ``GROUPED_MIN_POSITIONS``).
+* ``fused``        the CPU kernel's fused form (im2col, then the Linear Fisher's native
+                   register-tiled form over the output positions; unfold without the extension);
+* ``auto``         what ``choose_form`` picks (grouped from ``GROUPED_MIN_POSITIONS``, below it
+                   fused or unfold by the Linear Fisher's cost model).
 
 Ratios are to ``batch-wgrad``. The report records the machine (CPU model, threads, load).
 
@@ -31,6 +34,7 @@ sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import _common as C  # noqa: E402
 
 from fishkern.ops import conv_fisher as cf  # noqa: E402
+from fishkern.ops import linear_fisher as lf  # noqa: E402
 
 # (Cin, Cout, H, kernel, stride, padding): ResNet-34 CIFAR's distinct conv layers
 LAYERS = (
@@ -45,7 +49,7 @@ LAYERS = (
     (512, 512, 4, 3, 1, 1),
     (256, 512, 8, 1, 2, 0),
 )
-METHODS = ("batch-wgrad", "old-unfold", "grouped", "unfold", "auto")
+METHODS = ("batch-wgrad", "old-unfold", "grouped", "unfold", "fused", "auto")
 
 
 def old_unfold(acc, x, g, k, stride, padding, chunk_elems=cf.DEFAULT_CHUNK_ELEMS):
@@ -77,6 +81,7 @@ def run(args) -> dict:
             "old-unfold": lambda: old_unfold(acc, x, g, k, stride, padding),
             "grouped": lambda: cf.conv2d_fisher_acc_(acc, x, g, stride, padding, form="grouped"),
             "unfold": lambda: cf.conv2d_fisher_acc_(acc, x, g, stride, padding, form="unfold"),
+            "fused": lambda: cf.conv2d_fisher_acc_(acc, x, g, stride, padding, form="fused"),
             "auto": lambda: cf.conv2d_fisher_acc_(acc, x, g, stride, padding, form="auto"),
         }
         times = {m: [] for m in METHODS}
@@ -87,20 +92,20 @@ def run(args) -> dict:
                 times[m] += C.time_calls(calls[m], torch.device("cpu"), 0, 1)
         med = {m: statistics.median(t) for m, t in times.items()}
         rows.append({"layer": f"{cin}->{cout} {h}x{h} k{k} s{stride}", "positions": ho * ho,
-                     "auto_form": cf.choose_form(ho * ho), "median_s": med})
+                     "auto_form": cf.choose_form(ho * ho, fused=lf.fused_available()), "median_s": med})
         C.log(f"{rows[-1]['layer']}: " + ", ".join(f"{m} {1e3 * v:.1f} ms" for m, v in med.items()))
     return {"rows": rows}
 
 
 def render(result: dict, env: dict, args, load_before, load_after) -> str:
-    header = ["layer", "Ho·Wo", *[f"{m} ms" for m in METHODS], "grouped/wgrad", "unfold/wgrad", "auto/wgrad",
+    header = ["layer", "Ho·Wo", *[f"{m} ms" for m in METHODS], "grouped/wgrad", "unfold/wgrad", "fused/wgrad", "auto/wgrad",
               "old/auto", "auto picks"]
     rows = []
     for r in result["rows"]:
         m = r["median_s"]
         rows.append([r["layer"], str(r["positions"]), *[f"{1e3 * m[k]:.1f}" for k in METHODS],
                      f"{m['grouped'] / m['batch-wgrad']:.2f}", f"{m['unfold'] / m['batch-wgrad']:.2f}",
-                     f"{m['auto'] / m['batch-wgrad']:.2f}", f"{m['old-unfold'] / m['auto']:.2f}", r["auto_form"]])
+                     f"{m['fused'] / m['batch-wgrad']:.2f}", f"{m['auto'] / m['batch-wgrad']:.2f}", f"{m['old-unfold'] / m['auto']:.2f}", r["auto_form"]])
     tot = {k: sum(r["median_s"][k] for r in result["rows"]) for k in METHODS}
     return "\n".join([
         f"# Conv2d Fisher forms, batch {args.batch}, {datetime.date.today()}",
@@ -108,8 +113,9 @@ def render(result: dict, env: dict, args, load_before, load_after) -> str:
         f"Device: {env['device_description']}; torch {env['torch']}; load average {load_before} before, "
         f"{load_after} after.",
         f"Command: `{C.command_line()}`",
-        f"Median of {args.reps} interleaved reps per layer. `auto` uses grouped from "
-        f"{cf.GROUPED_MIN_POSITIONS} output positions up.",
+        f"Median of {args.reps} interleaved reps per layer. `auto` (the op's CPU kernel) uses grouped from "
+        f"{cf.GROUPED_MIN_POSITIONS} output positions up, below it fused (native register-tiled form, "
+        f"loaded: {lf.fused_available()}) where the Linear Fisher's cost model prefers it to unfold.",
         "",
         C.md_table(header, rows),
         "",

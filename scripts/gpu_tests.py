@@ -107,7 +107,9 @@ def main(argv=None) -> int:
                     help="pytest-xdist workers when it is installed (default: cores/4, at most 4)")
     ap.add_argument("--paths", nargs="+", default=["tests"], help="what pytest collects (default: tests)")
     args = ap.parse_args(argv)
-    env = dict(os.environ)
+    # not inherited from a pytest-xdist worker that runs this script (tests/project/test_gpu_script.py):
+    # the plugin would take the child for that worker and, unless it is gw0, write no list
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST_")}
     env[SELECT_ENV] = "1"
     env[OUT_ENV] = str(Path(args.out).resolve())
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "scripts"), str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))

@@ -16,6 +16,11 @@ from fishkern.ops.triton_support import triton_status, triton_supported  # noqa:
 
 HAS_CUDA = torch.cuda.is_available()
 HAS_TRITON = triton_supported()
+if HAS_CUDA:
+    # The tests compare fp32 CUDA results with fp32 / fp64 references at 1e-5 and tighter: no TF32
+    # (cuDNN allows it for convolutions by default, e.g. the Conv2d Fisher's grouped form).
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
 
 
 def triton_devices():

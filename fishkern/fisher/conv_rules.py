@@ -2,7 +2,7 @@
 and its output gradient (see rule_base.py for the contract a rule follows).
 
 The weight's Σₙ Gₙ² is the op ``fishkern::conv2d_fisher_acc_`` (fishkern/ops/conv_fisher.py: exact
-PyTorch forms picked per layer on any device, a Triton kernel on CUDA). Conv1d is the same op on a
+PyTorch forms picked per layer on any device, a native fused form on CPU, a Triton kernel on CUDA). Conv1d is the same op on a
 height-1 image. Padding modes other than zeros (and string padding) are applied to the input here,
 so the op always sees zero padding."""
 from __future__ import annotations
@@ -45,7 +45,14 @@ class _ConvRule(Rule):
             if self.spatial == 1:  # a height-1 image
                 xs, gs, w = xs.unsqueeze(2), gs.unsqueeze(2), w.unsqueeze(2)
                 stride, padding, dilation = (1, *stride), (0, *padding), (1, *dilation)
-            cf.conv2d_fisher_acc_(w, xs, gs, stride, padding, dilation, m.groups, chunk_elems=ctx.chunk_elems)
+            # the kernel as for the sequence Linears (Context.linear_kernel): "default" is plain
+            # PyTorch on every device, "triton" the Triton kernel called directly, "op" by device
+            if ctx.linear_kernel == "default":
+                cf.conv2d_fisher_default_(w, xs, gs, stride, padding, dilation, m.groups, chunk_elems=ctx.chunk_elems)
+            elif ctx.linear_kernel == "triton" and w.dtype == torch.float32:
+                cf.conv2d_fisher_triton_(w, xs, gs, stride, padding, dilation, m.groups)
+            else:
+                cf.conv2d_fisher_acc_(w, xs, gs, stride, padding, dilation, m.groups, chunk_elems=ctx.chunk_elems)
         if "bias" in acc:
             dims = tuple(range(2, g.dim()))
             acc["bias"].add_(g.to(ctx.acc_dtype).sum(dims).square().sum(0))

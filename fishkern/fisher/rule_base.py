@@ -13,10 +13,11 @@ LINEAR_KERNELS = ("op", "default", "triton")
 class Context:
     """What a rule may use besides the module's input and output gradient.
 
-    linear_kernel: how the sequence-Linear rule runs ``fishkern::linear_fisher_acc_``: "op" (the
-    dispatcher picks the kernel by device: Triton on CUDA, the default PyTorch kernel elsewhere),
-    "default" (the PyTorch kernel on every device) or "triton" (the Triton kernel called directly,
-    also on CPU under TRITON_INTERPRET=1; float64 layers, which it does not take, run the default)."""
+    linear_kernel: how the sequence-Linear and convolution rules run their ops
+    (``fishkern::linear_fisher_acc_``, ``fishkern::conv2d_fisher_acc_``): "op" (the dispatcher picks
+    the kernel by device: Triton on CUDA, the CPU kernel with its native form on CPU), "default"
+    (the PyTorch kernel on every device) or "triton" (the Triton kernel called directly, also on CPU
+    under TRITON_INTERPRET=1; float64 layers, which it does not take, run the default)."""
 
     def __init__(self, acc_dtype: torch.dtype, linear_kernel: str, chunk_elems: int):
         if linear_kernel not in LINEAR_KERNELS:

@@ -19,10 +19,19 @@ Kernels (the dispatcher picks one by the tensors' device; callers never branch):
     buffer, cache-resident for small images. Best for late layers with few output positions,
     where the grouped convolution's per-group overhead dominates.
 
-  Both square and sum in place (``acc.addcmul_(G_n, G_n)`` per sample: the squares are never a
+  - ``"fused"`` (the ``cpu`` kernel only, where the native extension is loaded): im2col as in
+    ``unfold``, then the Linear Fisher's register-tiled native form
+    (``linear_fisher.py``, ``csrc/linear_fisher_cpu.cpp``) with the output positions as tokens: each
+    sample's gradient tile is summed over its positions and squared in registers, so no per-sample
+    gradient is written and acc is read once per chunk of samples, not once per sample. Best for
+    the late layers (few positions, a large Cout x Cin·kh·kw gradient whose per-sample squaring
+    pass dominates the unfold form). Elsewhere a forced "fused" runs the unfold form.
+
+  The grouped and unfold forms square and sum in place (``acc.addcmul_(G_n, G_n)`` per sample: the squares are never a
   separate tensor, and the sum never a strided reduction over the sample dimension) and chunk the
   samples so that at most ``chunk_elems`` per-sample entries exist at once. Products are formed in
   the accumulator's dtype (bf16 / fp16 inputs are upcast exactly).
+* ``cpu`` (``conv2d_fisher_cpu_``): the default kernel's forms plus ``fused``, by ``choose_form``.
 * ``cuda`` (Triton, ``conv_fisher_triton.py``, imported on the first CUDA call): implicit im2col,
   each sample's gradient tile formed and squared in registers, deterministic. float64 inputs, or
   no usable triton, run the default kernel.
@@ -43,11 +52,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import library
+from . import linear_fisher as lf
 from .triton_support import triton_usable_on
 
 NAME = "conv2d_fisher_acc_"
 DEFAULT_CHUNK_ELEMS = 1 << 21  # per-sample entries alive at once in the default kernel (8 MiB in fp32)
-FORMS = ("auto", "grouped", "unfold")
+FORMS = ("auto", "grouped", "unfold", "fused")
 SCHEMA = (
     "(Tensor(a!) acc, Tensor x, Tensor g, int[2] stride, int[2] padding, int[2] dilation, int groups, *, "
     f"str form='auto', int chunk_elems={DEFAULT_CHUNK_ELEMS}) -> ()"
@@ -58,6 +68,12 @@ INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # with a float32 
 # ResNet-34's layers, batch 64, 2-core Xeon (benchmarks/results/conv_fisher_forms_cpu.md): the grouped
 # form wins 3.0x at 32x32 outputs and 1.65x at 16x16, and loses 1.7x at 8x8 and 2.9x at 4x4.
 GROUPED_MIN_POSITIONS = 192
+# The CPU kernel's fused form up to this many output positions: on ResNet-34's 4x4 layers (16
+# positions, batch 64, 2-core AMD EPYC, AVX-512) it takes 0.70x the unfold form's time, on its 8x8
+# layers (64) 1.3x (benchmarks/results/conv_fisher_forms_cpu.md). Its per-position cost is higher
+# than a GEMM's over im2col's long rows; what it saves is the per-sample squaring pass, which only
+# dominates with few positions.
+FUSED_MAX_POSITIONS = 32
 # The grouped form's chunk: enough samples per call to amortise its setup, few enough to stay in
 # cache (the best of 1..64 on the layers above was 8-16).
 GROUPED_CHUNK = 16
@@ -123,9 +139,13 @@ def _fake(acc, x, g, stride, padding, dilation, groups, *, form="auto", chunk_el
     check_arguments(acc, x, g, stride, padding, dilation, groups, form, chunk_elems)
 
 
-def choose_form(positions: int) -> str:
-    """The default kernel's form for a layer with ``positions`` = Ho * Wo output positions."""
-    return "grouped" if positions >= GROUPED_MIN_POSITIONS else "unfold"
+def choose_form(positions: int, fused: bool = False) -> str:
+    """The form for a layer with ``positions`` = Ho * Wo output positions: grouped from
+    GROUPED_MIN_POSITIONS up; below, with ``fused`` (the CPU kernel with the native extension)
+    the fused form up to FUSED_MAX_POSITIONS, else unfold."""
+    if positions >= GROUPED_MIN_POSITIONS:
+        return "grouped"
+    return "fused" if fused and positions <= FUSED_MAX_POSITIONS else "unfold"
 
 
 def _chunk_size(per_sample: int, budget: int, cap: int | None = None) -> int:
@@ -179,19 +199,57 @@ def _unfold_form(acc, x, g, stride, padding, dilation, groups, chunk_elems) -> N
             acc_g.addcmul_(buf, buf)
 
 
-def conv2d_fisher_default_(acc: Tensor, x: Tensor, g: Tensor, stride, padding, dilation, groups: int, *,
-                           form: str = "auto", chunk_elems: int = DEFAULT_CHUNK_ELEMS) -> Tensor:
-    """The default (plain PyTorch) kernel, callable directly on any device; returns ``acc``."""
+def _fused_form(acc, x, g, stride, padding, dilation, groups, chunk_elems) -> None:
+    """im2col of a chunk, then per group the native register-tiled Linear Fisher form over
+    (samples, positions, Cin/groups·kh·kw) and (samples, positions, Cout/groups)."""
+    batch = x.shape[0]
+    cout, cin_g, kh, kw = acc.shape
+    dt = acc.dtype
+    cols_g, cout_g = cin_g * kh * kw, cout // groups
+    positions = g.shape[2] * g.shape[3]
+    # the chunk bounds the unfolded input and its transposed copy
+    step = _chunk_size(2 * (groups * cols_g + cout) * positions, chunk_elems)
+    acc_g = acc.view(groups, cout_g, cols_g)
+    for s in range(0, batch, step):
+        c = min(batch, s + step) - s
+        cols = F.unfold(x[s:s + c].to(dt), (kh, kw), dilation, padding, stride).view(c, groups, cols_g, positions)
+        gs = g[s:s + c].to(dt).reshape(c, groups, cout_g, positions)
+        for k in range(groups):
+            lf._fused_form(acc_g[k], cols[:, k].transpose(1, 2), gs[:, k].transpose(1, 2), [positions] * c, dt)
+
+
+def _run(acc, x, g, stride, padding, dilation, groups, form, chunk_elems, fused: bool) -> Tensor:
     check_arguments(acc, x, g, stride, padding, dilation, groups, form, chunk_elems)
     stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
     positions = g.shape[2] * g.shape[3]
     if acc.numel() == 0 or x.shape[0] == 0 or positions == 0:
         return acc  # no weight, no sample, or no output position: every gradient is empty or zero
     if form == "auto":
-        form = choose_form(positions)
-    run = _grouped_form if form == "grouped" else _unfold_form
+        form = choose_form(positions, fused=fused)
+    elif form == "fused" and not fused:
+        form = "unfold"  # forced where the native form cannot run: the same sums, one GEMM per sample
+    run = {"grouped": _grouped_form, "unfold": _unfold_form, "fused": _fused_form}[form]
     run(acc, x, g, stride, padding, dilation, groups, chunk_elems)
     return acc
+
+
+def conv2d_fisher_default_(acc: Tensor, x: Tensor, g: Tensor, stride, padding, dilation, groups: int, *,
+                           form: str = "auto", chunk_elems: int = DEFAULT_CHUNK_ELEMS) -> Tensor:
+    """The default (plain PyTorch) kernel, callable directly on any device; returns ``acc``. It
+    never runs the native fused form (forced, it runs the unfold form)."""
+    return _run(acc, x, g, stride, padding, dilation, groups, form, chunk_elems, fused=False)
+
+
+def conv2d_fisher_cpu_(acc: Tensor, x: Tensor, g: Tensor, stride, padding, dilation, groups: int, *,
+                       form: str = "auto", chunk_elems: int = DEFAULT_CHUNK_ELEMS) -> Tensor:
+    """The CPU kernel called directly: the default kernel's forms and, where the native extension is
+    loaded, the fused form (chosen by ``choose_form``); returns ``acc``."""
+    return _run(acc, x, g, stride, padding, dilation, groups, form, chunk_elems,
+                fused=x.device.type == "cpu" and lf.fused_available())
+
+
+def _cpu_kernel(acc, x, g, stride, padding, dilation, groups, *, form="auto", chunk_elems=DEFAULT_CHUNK_ELEMS):
+    conv2d_fisher_cpu_(acc, x, g, stride, padding, dilation, groups, form=form, chunk_elems=chunk_elems)
 
 
 def _default_kernel(acc, x, g, stride, padding, dilation, groups, *, form="auto", chunk_elems=DEFAULT_CHUNK_ELEMS):
@@ -230,6 +288,7 @@ def _cuda_kernel(acc, x, g, stride, padding, dilation, groups, *, form="auto", c
 OP = library.define(NAME, SCHEMA, fake=_fake, default=_default_kernel,
                     doc="acc += sum_n (Conv2d weight gradient of sample n)**2 (Conv2d Fisher)")
 library.register_kernel(NAME, "cuda", _cuda_kernel)
+library.register_kernel(NAME, "cpu", _cpu_kernel)
 
 
 def conv2d_fisher_acc_(acc: Tensor, x: Tensor, g: Tensor, stride=1, padding=0, dilation=1, groups: int = 1, *,
@@ -241,8 +300,8 @@ def conv2d_fisher_acc_(acc: Tensor, x: Tensor, g: Tensor, stride=1, padding=0, d
         x: the layer's input (B, Cin, H, W), any strides; zero padding ``padding`` is implied.
         g: gradient of the layer's output (B, Cout, Ho, Wo), x's dtype.
         stride, padding, dilation: ints or pairs, as nn.Conv2d's; groups as nn.Conv2d's.
-        form: the default kernel's form ("grouped", "unfold"; "auto" picks per layer, and on CUDA
-            means the Triton kernel).
+        form: the default kernel's form ("grouped", "unfold", "fused" on CPU with the native
+            extension; "auto" picks per layer, and on CUDA means the Triton kernel).
         chunk_elems: the default kernel's bound on per-sample entries alive at once.
     """
     OP(acc, x, g, list(_pair(stride, "stride")), list(_pair(padding, "padding")),

@@ -10,6 +10,7 @@ from torch.library import opcheck
 
 from fishkern.fisher import estimate_fisher
 from fishkern.ops import conv_fisher as cf
+from fishkern.ops import linear_fisher as lf
 from fishkern.ops import library
 from tests.conftest import HAS_CUDA
 
@@ -25,7 +26,7 @@ GEOMETRIES = [
     (2, 5, 3, 5, 5, 1, 2, 0, 1, 1),  # 1x1, stride 2
     (3, 2, 4, 3, 4, 3, 1, 0, 1, 1),  # a single output row
 ]
-FORMS = ("grouped", "unfold")
+FORMS = ("grouped", "unfold", "fused")  # "fused": the CPU kernel's native form (else unfold)
 
 
 def _inputs(geom, dtype=torch.float64, device="cpu", seed=0):
@@ -81,10 +82,13 @@ def test_op_is_declared_once_with_a_cuda_kernel():
 def test_default_kernel_matches_reference(device, geom, form, dtype):
     x, g, shape, (s, p, d, grp) = _inputs(geom, dtype, device, seed=hash(geom) % 1000)
     expected = cf.conv2d_fisher_reference(x, g, shape, s, p, d, grp)
-    for chunk in (1, 37, cf.DEFAULT_CHUNK_ELEMS):  # one sample per chunk, a few, all
-        acc = _acc(shape, dtype, device)
-        cf.conv2d_fisher_default_(acc, x, g, s, p, d, grp, form=form, chunk_elems=chunk)
-        _check(acc, expected, dtype)
+    # on CPU also the CPU kernel, whose "fused" is the native form where the extension is loaded
+    kernels = [cf.conv2d_fisher_default_] + ([cf.conv2d_fisher_cpu_] if device == "cpu" else [])
+    for kernel in kernels:
+        for chunk in (1, 37, cf.DEFAULT_CHUNK_ELEMS):  # one sample per chunk, a few, all
+            acc = _acc(shape, dtype, device)
+            kernel(acc, x, g, s, p, d, grp, form=form, chunk_elems=chunk)
+            _check(acc, expected, dtype)
     # accumulates: a second call adds the same again
     cf.conv2d_fisher_acc_(acc, x, g, s, p, d, grp, form=form)
     _check(acc, 2 * expected, dtype)
@@ -112,6 +116,30 @@ def test_non_contiguous_inputs():
             acc = _acc(shape, torch.float64, "cpu")
             cf.conv2d_fisher_acc_(acc, xi, gi, s, p, d, grp, form=form)
             _check(acc, expected, torch.float64)
+
+
+def test_cpu_kernel_takes_the_fused_form_for_few_positions_and_the_default_never(monkeypatch):
+    """choose_form: fused up to FUSED_MAX_POSITIONS only when asked (the CPU kernel with the native
+    form loaded); the op on CPU tensors runs the CPU kernel; the default kernel never runs the
+    native form, even forced (it runs unfold, the same sums)."""
+    assert cf.choose_form(cf.FUSED_MAX_POSITIONS, fused=True) == "fused"
+    assert cf.choose_form(cf.FUSED_MAX_POSITIONS + 1, fused=True) == "unfold"
+    assert cf.choose_form(cf.FUSED_MAX_POSITIONS) == "unfold"
+    assert cf.choose_form(cf.GROUPED_MIN_POSITIONS, fused=True) == "grouped"
+    assert library.has_kernel("conv2d_fisher_acc_", "CPU")
+    used = []
+    real = lf._fused_form
+    monkeypatch.setattr(lf, "_fused_form", lambda *a: (used.append("native"), real(*a)))
+    x, g, shape, (s, p, d, grp) = _inputs(GEOMETRIES[2], torch.float64)  # 2 x 2 = 4 positions
+    expected = cf.conv2d_fisher_reference(x, g, shape, s, p, d, grp)
+    acc = _acc(shape, torch.float64, "cpu")
+    cf.conv2d_fisher_default_(acc, x, g, s, p, d, grp, form="fused")
+    _check(acc, expected, torch.float64)
+    assert used == []
+    acc = _acc(shape, torch.float64, "cpu")
+    cf.conv2d_fisher_acc_(acc, x, g, s, p, d, grp)  # auto, through the dispatcher
+    _check(acc, expected, torch.float64)
+    assert set(used) == ({"native"} if lf.fused_available() else set())  # once per group (2 here)
 
 
 def test_auto_switches_form_at_the_crossover(monkeypatch):

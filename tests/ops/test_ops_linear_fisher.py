@@ -11,6 +11,7 @@ from fishkern.fisher import estimate_fisher
 from fishkern.ops import library
 from fishkern.ops import linear_fisher as lf
 from fishkern.ops.linear_fisher import linear_fisher_acc_, linear_fisher_default_, linear_fisher_reference
+from fishkern.ops.triton_support import triton_usable_on
 from tests.conftest import HAS_CUDA, HAS_TRITON, requires_triton, triton_devices
 
 OP = torch.ops.fishkern.linear_fisher_acc_.default
@@ -259,16 +260,19 @@ def _spy(monkeypatch, module, name, log, tag):
 def test_estimator_implementation_picks_the_documented_kernel(monkeypatch, implementation):
     """auto: the op (the dispatcher picks by device); torch: the default kernel called directly;
     triton: the Triton launcher called directly (the interpreter on CPU). The estimator's lengths
-    are valid by construction, so no call checks them (no device sync per Linear call)."""
-    if implementation == "triton" and not HAS_TRITON:
-        pytest.skip("triton is not usable here")
+    are valid by construction, so no call checks them (no device sync per Linear call). "auto" and
+    "torch" run a CPU model; "triton" a model where Triton runs (CUDA on a GPU machine, where CPU
+    tensors have no interpreter and "triton" on them is refused)."""
+    device = triton_devices()[0] if implementation == "triton" else "cpu"
+    if implementation == "triton" and not (HAS_TRITON and triton_usable_on(torch.device(device))):
+        pytest.skip(f"triton is not usable on {device} here")
     log = []
     _spy(monkeypatch, lf, "linear_fisher_acc_", log, "op")
     _spy(monkeypatch, lf, "linear_fisher_default_", log, "default")
     _spy(monkeypatch, lf, "linear_fisher_triton_", log, "triton")
     torch.manual_seed(0)
-    model = _SeqModel()
-    data = _batches()
+    model = _SeqModel().to(device)
+    data = [{k: v.to(device) for k, v in b.items()} for b in _batches()]
     res = estimate_fisher(model, data, 6, implementation=implementation, progress=False)
     ref = estimate_fisher(model, data, 6, implementation="loop", progress=False)
     for name in ref.scores:
@@ -281,7 +285,7 @@ def test_estimator_implementation_picks_the_documented_kernel(monkeypatch, imple
     if implementation == "triton":
         assert "op" not in tags and "default" not in tags
     assert all(check is False for _, check in log)
-    assert res.implementation == ("torch" if implementation == "auto" else implementation)  # CPU model
+    assert res.implementation == ("torch" if implementation == "auto" else implementation)  # auto: a CPU model
 
 
 def test_cuda_kernel_routes_by_dtype(monkeypatch):
