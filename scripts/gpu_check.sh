@@ -221,6 +221,7 @@ merge_report() {
     "$PY" - "$OUT/bench.json" "$1" "$2" <<'PYEOF'
 import json, os, sys
 path, key, src = sys.argv[1:]
+os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
 merged = json.load(open(path)) if os.path.exists(path) else {}
 merged[key] = json.load(open(src))
 tmp = path + ".tmp"
