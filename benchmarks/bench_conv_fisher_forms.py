@@ -10,8 +10,8 @@ For every distinct 3x3 / 1x1 conv layer of ResNet-34 for CIFAR (32x32 inputs) at
 * ``unfold``       the op's unfold form (im2col, one GEMM per sample into a reused buffer);
 * ``fused``        the CPU kernel's fused form (im2col, then the Linear Fisher's native
                    register-tiled form over the output positions; unfold without the extension);
-* ``auto``         what ``choose_form`` picks (grouped from ``GROUPED_MIN_POSITIONS``, below it
-                   fused or unfold by the Linear Fisher's cost model).
+* ``auto``         what ``choose_form`` picks (grouped from ``GROUPED_MIN_POSITIONS``, fused up
+                   to ``FUSED_MAX_POSITIONS``, unfold between).
 
 Ratios are to ``batch-wgrad``. The report records the machine (CPU model, threads, load).
 
@@ -115,7 +115,7 @@ def render(result: dict, env: dict, args, load_before, load_after) -> str:
         f"Command: `{C.command_line()}`",
         f"Median of {args.reps} interleaved reps per layer. `auto` (the op's CPU kernel) uses grouped from "
         f"{cf.GROUPED_MIN_POSITIONS} output positions up, below it fused (native register-tiled form, "
-        f"loaded: {lf.fused_available()}) where the Linear Fisher's cost model prefers it to unfold.",
+        f"loaded: {lf.fused_available()}) up to {cf.FUSED_MAX_POSITIONS} positions, else unfold.",
         "",
         C.md_table(header, rows),
         "",
